@@ -9,6 +9,14 @@ from typing import Any
 
 import torch
 
+# Benign chat prompts the speed benchmarks decode (what is timed, not what is judged).
+PROMPTS = [
+    "Give me three tips for staying focused while studying.",
+    "Explain how photosynthesis works in simple terms.",
+    "Write a short poem about the sea.",
+    "What are the main causes of inflation?",
+]
+
 
 def machine_description() -> dict[str, Any]:
     """What the numbers were measured on."""

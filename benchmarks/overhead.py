@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import typer
 
-from benchmarks.common import write_json
+from benchmarks.common import PROMPTS, write_json
 from guard import (
     DEFAULT_MODEL,
     GuardConfig,
@@ -29,14 +29,7 @@ from guard import (
     encode_chat,
     load_model,
 )
-from guard.assets import shipped_probe_dir
-
-PROMPTS = [
-    "Give me three tips for staying focused while studying.",
-    "Explain how photosynthesis works in simple terms.",
-    "Write a short poem about the sea.",
-    "What are the main causes of inflation?",
-]
+from guard.assets import default_probe_dir
 
 
 def _time_engine(
@@ -72,7 +65,7 @@ def main(
     """Print tokens/s guarded vs unguarded; the last line is the batch-1 ratio."""
     torch.manual_seed(0)
     lm = load_model(model)
-    probe_obj = LinearProbe.load(probe or shipped_probe_dir(f"{DEFAULT_MODEL}-demo"))
+    probe_obj = LinearProbe.load(probe or default_probe_dir())
     never = GuardConfig(monitor=MonitorConfig(threshold=1 - 1e-9))
     arms = {
         "unguarded": GuardedEngine(lm.model, lm.tokenizer),

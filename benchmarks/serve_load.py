@@ -32,21 +32,14 @@ import torch
 import typer
 import uvicorn
 
-from benchmarks.common import write_json
+from benchmarks.common import PROMPTS, write_json
 from guard import DEFAULT_MODEL, GuardConfig, GuardedEngine, LinearProbe, MonitorConfig, load_model
-from guard.assets import shipped_probe_dir
+from guard.assets import default_probe_dir
 from guard.shadow import ShadowScorer
 from server.app import build_app
 from server.config import ServerConfig
 from server.engine import LocalGuardEngine
 from server.upstream import UpstreamVLLMEngine
-
-PROMPTS = [
-    "Give me three tips for staying focused while studying.",
-    "Explain how photosynthesis works in simple terms.",
-    "Write a short poem about the sea.",
-    "What are the main causes of inflation?",
-]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -162,7 +155,7 @@ def main(
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     lm = load_model(DEFAULT_MODEL)
-    probe = LinearProbe.load(shipped_probe_dir(f"{DEFAULT_MODEL}-demo"))
+    probe = LinearProbe.load(default_probe_dir())
     never = GuardConfig(monitor=MonitorConfig(threshold=1 - 1e-9), holdback=holdback)
     if upstream is None:
         engine = LocalGuardEngine(

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from guard.assets import shipped_probe_dir
+from guard.assets import default_probe_dir
 from guard.chat import encode_chat
 from guard.config import GuardConfig, MonitorConfig, PolicyConfig, SamplingParams
 from guard.decoding import GuardedEngine
@@ -104,11 +104,7 @@ def generate(
                 raise typer.BadParameter(
                     "--probe is required for models other than the default", param_hint="--probe"
                 )
-            probe = shipped_probe_dir(f"{DEFAULT_MODEL}-demo")
-            console.print(
-                "[bold yellow]Using the shipped DEMO probe[/] (refusal vs compliant answers, teacher-forced; "
-                "not the random-worst-insertion probe). See README."
-            )
+            probe = default_probe_dir()
         config = GuardConfig(
             monitor=MonitorConfig(threshold=threshold),
             policy=PolicyConfig(kind=policy),

@@ -23,7 +23,7 @@ class ServerConfig(BaseModel):
         model: embedded alias, HF directory or cached HF id (for ``vllm``: the same model
             the upstream serves; only its tokenizer and layers up to the probe are loaded).
         served_model_name: the ``model`` name clients use (default: ``model``).
-        probe: probe directory (default: the shipped demo probe of the default model).
+        probe: probe directory (default: the probe shipped for the default model).
         api_keys: accepted bearer keys (``TRAJGUARD_API_KEYS`` and ``api_keys_file`` add more).
         allow_unauthenticated: allow a non-loopback host without any API key.
         max_prompt_tokens: larger prompts are refused with 413 (``None``: context only).

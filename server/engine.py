@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from guard.assets import shipped_probe_dir
+from guard.assets import default_probe_dir
 from guard.chat import EncodedPrompt
 from guard.config import SamplingParams
 from guard.decoding import GuardedEngine
@@ -301,7 +301,7 @@ class LocalGuardEngine(GuardEngine):
             queue.put_nowait(error)
 
 
-def default_probe_dir(model: str) -> Path:
+def probe_dir_for(model: str) -> Path:
     """The probe shipped for ``model``.
 
     Raises:
@@ -309,11 +309,7 @@ def default_probe_dir(model: str) -> Path:
     """
     if model != DEFAULT_MODEL:
         raise ConfigError(f"--probe is required for models other than {DEFAULT_MODEL}")
-    probe_dir = shipped_probe_dir(f"{DEFAULT_MODEL}-demo")
-    logger.warning(
-        "using the shipped DEMO probe %s (not the random-worst-insertion probe)", probe_dir.name
-    )
-    return probe_dir
+    return default_probe_dir()
 
 
 def build_engine(config: ServerConfig) -> GuardEngine:
@@ -333,6 +329,6 @@ def build_local_engine(config: ServerConfig) -> LocalGuardEngine:
         ModelNotFoundError, ProbeMismatchError: the model or probe cannot be used.
     """
     lm = load_model(config.model)
-    probe = LinearProbe.load(config.probe or default_probe_dir(config.model))
+    probe = LinearProbe.load(config.probe or probe_dir_for(config.model))
     engine = GuardedEngine(lm.model, lm.tokenizer, probe, config.guard_config())
     return LocalGuardEngine(engine, model_name=config.model_name)

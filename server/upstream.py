@@ -7,6 +7,13 @@ probed layer (:class:`guard.shadow.ShadowScorer`), and applies the same monitor,
 and holdback as the local engine. On a trigger it closes the upstream stream, crops the
 shadow cache and continues with a new completion whose prompt is
 prompt + kept tokens + recovery tokens.
+
+Fast path: when the upstream runs the trajguard vLLM plugin (:mod:`guard.vllm`) with the
+same probe, its event stream already carries every token's score, so no shadow model is
+loaded. Each upstream pass is sent in ``observe`` mode under its own key; the score of
+output token ``i`` arrives while the engine computes token ``i + 1`` (one extra token is
+requested per pass for the last one). Assistant prefill is scored by a short pass that
+forces the prefill tokens (``trajguard_prefix``). Recovery tokens are left unscored (NaN).
 """
 
 from __future__ import annotations
@@ -14,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import math
+import os
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
@@ -30,8 +40,10 @@ from guard.monitor import StepMonitor
 from guard.policies import Action, RecoveryPolicy
 from guard.probe import LinearProbe
 from guard.shadow import ShadowScorer, ShadowSession
+from guard.vllm.channel import EventSubscriber, ScoreFeed, probe_digest, read_hello
+from guard.vllm.settings import DEFAULT_EVENTS, parse_address
 from server.config import ServerConfig
-from server.engine import GuardEngine, GuardOptions, default_probe_dir
+from server.engine import GuardEngine, GuardOptions, probe_dir_for
 from server.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +73,10 @@ class _Run:
     released: int
     recoveries: int = 0
     interventions: list[Intervention] = field(default_factory=list)
+    passes: int = 0
+    feed: ScoreFeed | None = None  # fast path: this pass's upstream scores
+    feed_offset: int = 0  # response index of the pass's first upstream token
+    expect_score: bool = True  # False for a pass's final token (never fed again)
 
     @property
     def n_generated(self) -> int:
@@ -73,8 +89,11 @@ class UpstreamVLLMEngine(GuardEngine):
     Args:
         upstream_url: base URL of the OpenAI-compatible server (``http://host:8000``).
         tokenizer: the served model's tokenizer (applies the chat template locally).
-        scorer: shadow scorer (``None``: proxy without guarding).
+        scorer: shadow scorer (``None``: no shadow model; see ``probe`` and ``events``).
         config: monitor, policy and holdback; ``resample`` is not supported upstream.
+        probe: the probe (default: the scorer's); ``None`` with no scorer: no guarding.
+        events: ``(host, port)`` of the upstream plugin's event stream (fast path);
+            used when its hello names the same probe, else the shadow scorer is.
         model_name: the name clients use.
         api_key: bearer token for the upstream, if it needs one.
         timeout: seconds for connecting and between streamed chunks.
@@ -90,6 +109,8 @@ class UpstreamVLLMEngine(GuardEngine):
         model_name: str,
         api_key: str | None = None,
         timeout: float = 60.0,
+        probe: LinearProbe | None = None,
+        events: tuple[str, int] | None = None,
     ) -> None:
         if config.policy.kind == "resample":
             raise ConfigError(
@@ -110,7 +131,10 @@ class UpstreamVLLMEngine(GuardEngine):
         self._aborted: set[str] = set()
         eos = {tokenizer.eos_token_id}
         self._eos_ids = {e for e in eos if e is not None}
-        threshold = None if scorer is None else scorer.probe.threshold_
+        self._probe = probe if probe is not None else (scorer.probe if scorer else None)
+        self._events_address = events
+        self._events: EventSubscriber | None = None
+        threshold = None if self._probe is None else self._probe.threshold_
         self._threshold = config.monitor.threshold or threshold or 0.5
 
     # ---- GuardEngine -----------------------------------------------------------------
@@ -129,7 +153,12 @@ class UpstreamVLLMEngine(GuardEngine):
 
     @property
     def guarded(self) -> bool:
-        return self._scorer is not None
+        return self._probe is not None
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether scores come from the upstream plugin's event stream."""
+        return self._events is not None and self._events.connected
 
     @property
     def errored(self) -> bool:
@@ -148,9 +177,31 @@ class UpstreamVLLMEngine(GuardEngine):
         self._upstream_model = models[0]["id"]
         self._max_len = int(models[0].get("max_model_len") or 2048)
         self._dead = None
+        if self._events_address is not None and self._probe is not None:
+            await self._connect_events()
+        if self.guarded and self._scorer is None and not self.fast_path:
+            self._dead = (
+                "the upstream guard event stream is unavailable and no shadow scorer is loaded"
+            )
+
+    async def _connect_events(self) -> None:
+        subscriber = EventSubscriber()
+        try:
+            hello = await subscriber.connect(*self._events_address)
+        except (OSError, TimeoutError, ValueError) as exc:
+            logger.warning("no trajguard event stream at %s:%d (%s)", *self._events_address, exc)
+            return
+        if not _same_probe(hello, self._probe):
+            logger.warning("the upstream plugin runs another probe; using the shadow scorer")
+            await subscriber.close()
+            return
+        self._events = subscriber
+        logger.info("fast path: scores from the upstream plugin at %s:%d", *self._events_address)
 
     async def shutdown(self) -> None:
         self._dead = self._dead or "server is shutting down"
+        if self._events is not None:
+            await self._events.close()
         if self._client is not None:
             await self._client.aclose()
 
@@ -159,6 +210,8 @@ class UpstreamVLLMEngine(GuardEngine):
             await self.start()  # the upstream may have come up since
         if self._dead is not None:
             raise EngineDeadError(f"engine unavailable: {self._dead}")
+        if self._events is not None and not self._events.connected and self._scorer is None:
+            raise EngineDeadError("the upstream guard event stream was lost")
         try:
             (await self._client.get("/health")).raise_for_status()
         except httpx.HTTPError as exc:
@@ -187,7 +240,8 @@ class UpstreamVLLMEngine(GuardEngine):
                 f"context of {self._max_len} tokens",
                 param="prompt" if len(ids) >= self._max_len else "max_tokens",
             )
-        guarded = self._scorer is not None and guard_options.guard
+        guarded = self.guarded and guard_options.guard
+        shadow = guarded and not self.fast_path
         run = _Run(
             request_id=request_id,
             prompt_ids=list(prompt.prompt_ids),
@@ -198,7 +252,7 @@ class UpstreamVLLMEngine(GuardEngine):
             monitor=StepMonitor(self._config.monitor, threshold=self._threshold)
             if guarded
             else None,
-            session=self._scorer.session() if guarded else None,
+            session=self._scorer.session() if shadow else None,
             released=len(prompt.prefill_ids),
         )
         return self._stream(run)
@@ -232,13 +286,78 @@ class UpstreamVLLMEngine(GuardEngine):
             self._aborted.discard(run.request_id)
 
     async def _score(self, run: _Run, token_ids: list[int]) -> list[float]:
-        # Scoring runs torch: keep it off the event loop.
-        return await asyncio.to_thread(run.session.feed, token_ids)
+        if run.session is not None:
+            # Scoring runs torch: keep it off the event loop.
+            return await asyncio.to_thread(run.session.feed, token_ids)
+        if run.feed is None or not run.expect_score:
+            return [math.nan] * len(token_ids)  # prompt, recovery text, a pass's last token
+        # Fast path: token_ids is the one token just appended to the response.
+        index = len(run.response_ids) - 1 - run.feed_offset
+        try:
+            event = await run.feed.get(index, timeout=self._timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            raise EngineDeadError(f"no upstream guard score for token {index}: {exc}") from exc
+        return [float(event["s"])]
+
+    async def _fast_prefill_scores(self, run: _Run) -> list[float]:
+        """Scores of the assistant prefill: a pass that forces it (``trajguard_prefix``)."""
+        key = self._begin_pass(run, offset=0)
+        body = self._body(run, run.prompt_ids, run.n_prefill + 1, key)
+        body.update(stream=False, temperature=0.0, ignore_eos=True)
+        body["vllm_xargs"]["trajguard_prefix"] = list(run.response_ids)
+        try:
+            response = await self._client.post("/v1/completions", json=body)
+            if response.status_code >= 400:
+                raise EngineDeadError(f"upstream error {response.status_code} scoring prefill")
+            return [
+                float((await run.feed.get(i, timeout=self._timeout))["s"])
+                for i in range(run.n_prefill)
+            ]
+        except (httpx.HTTPError, TimeoutError, ConnectionError) as exc:
+            raise EngineDeadError(f"upstream failed scoring prefill: {type(exc).__name__}") from exc
+        finally:
+            self._end_pass(run, key)
+
+    def _begin_pass(self, run: _Run, *, offset: int) -> str:
+        run.passes += 1
+        key = f"{run.request_id}/{run.passes}"
+        run.feed = self._events.watch(key)
+        run.feed_offset = offset
+        run.expect_score = True
+        return key
+
+    def _end_pass(self, run: _Run, key: str) -> None:
+        self._events.unwatch(key)
+        run.feed = None
+
+    def _body(self, run: _Run, prompt: list[int], max_tokens: int, key: str | None) -> dict:
+        body = {
+            "model": self._upstream_model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": run.params.temperature,
+            "top_p": run.params.top_p,
+            "stream": True,
+            "return_token_ids": True,
+            "skip_special_tokens": False,
+            "ignore_eos": run.params.ignore_eos,
+        }
+        if key is not None:
+            body["vllm_xargs"] = {"trajguard": "observe", "trajguard_id": key}
+        if run.params.seed is not None:
+            body["seed"] = run.params.seed + run.recoveries
+        return body
 
     async def _score_prefill(self, run: _Run) -> Action | None:
-        if run.session is None:
+        if run.monitor is None:
             return None
-        scores = await self._score(run, run.prompt_ids + run.response_ids)
+        if run.session is None:  # fast path
+            if not (run.n_prefill and self._config.monitor_prefill):
+                return None
+            prefix = await self._fast_prefill_scores(run)
+            scores = [math.nan] * len(run.prompt_ids) + prefix
+        else:
+            scores = await self._score(run, run.prompt_ids + run.response_ids)
         action = None
         for score in scores[len(run.prompt_ids) :]:
             flagged = run.monitor.observe(score).flagged if self._config.monitor_prefill else False
@@ -256,19 +375,14 @@ class UpstreamVLLMEngine(GuardEngine):
 
         Yields releases as tokens clear the holdback window, then one :class:`_PassEnd`.
         """
-        body = {
-            "model": self._upstream_model,
-            "prompt": run.prompt_ids + run.response_ids,
-            "max_tokens": run.params.max_tokens - run.n_generated,
-            "temperature": run.params.temperature,
-            "top_p": run.params.top_p,
-            "stream": True,
-            "return_token_ids": True,
-            "skip_special_tokens": False,
-            "ignore_eos": run.params.ignore_eos,
-        }
-        if run.params.seed is not None:
-            body["seed"] = run.params.seed + run.recoveries
+        prompt = run.prompt_ids + run.response_ids
+        max_tokens = run.params.max_tokens - run.n_generated
+        key = None
+        if run.monitor is not None and run.session is None:  # fast path
+            key = self._begin_pass(run, offset=len(run.response_ids))
+            # One more token, so the engine also scores the last one we keep.
+            max_tokens = min(max_tokens + 1, self._max_len - len(prompt))
+        body = self._body(run, prompt, max_tokens, key)
         try:
             async with self._client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code >= 400:
@@ -283,7 +397,12 @@ class UpstreamVLLMEngine(GuardEngine):
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     choice = json.loads(line[6:])["choices"][0]
-                    for token in choice.get("token_ids") or []:
+                    tokens = choice.get("token_ids") or []
+                    for k, token in enumerate(tokens):
+                        # vLLM never feeds the last token of a finished request again.
+                        run.expect_score = not (
+                            choice.get("finish_reason") and k == len(tokens) - 1
+                        )
                         end = await self._accept(run, token)
                         if end is not None:
                             yield end
@@ -297,17 +416,20 @@ class UpstreamVLLMEngine(GuardEngine):
             raise EngineDeadError(
                 f"upstream {self._url} failed mid-stream: {type(exc).__name__}"
             ) from exc
+        finally:
+            if key is not None:
+                self._end_pass(run, key)
         yield _PassEnd(finish="stop")
 
     def _holdback(self, run: _Run) -> int:
-        return self._config.holdback if run.session is not None else 0
+        return self._config.holdback if run.monitor is not None else 0
 
     async def _accept(self, run: _Run, token: int) -> _PassEnd | None:
         """Score one upstream token; a :class:`_PassEnd` when the guard fires or the answer ends."""
         if token in self._eos_ids and not run.params.ignore_eos:
             return _PassEnd(finish="stop")
         run.response_ids.append(token)
-        if run.session is not None:
+        if run.monitor is not None:
             (score,) = await self._score(run, [token])
             if run.monitor.observe(score).flagged:
                 action = self._policy.decide(
@@ -335,7 +457,8 @@ class UpstreamVLLMEngine(GuardEngine):
         run.interventions.append(intervention)
         discard = len(run.response_ids) - action.keep
         run.monitor.rewind(len(run.monitor.trace) - action.keep)
-        run.session.rewind(discard)
+        if run.session is not None:
+            run.session.rewind(discard)
         del run.response_ids[action.keep :]
         if action.kind == "stop":
             return self._finish(run, "content_filter", append_text=action.append_text)
@@ -378,23 +501,55 @@ class UpstreamVLLMEngine(GuardEngine):
         )
 
 
-def build_upstream_engine(config: ServerConfig) -> UpstreamVLLMEngine:
-    """Load the tokenizer and the truncated shadow model named by ``config`` (slow).
+def _same_probe(hello: Mapping | None, probe: LinearProbe) -> bool:
+    """Whether the upstream plugin's hello names ``probe``."""
+    return (
+        hello is not None
+        and hello.get("hook_name") == probe.hook_name
+        and hello.get("probe_digest") == probe_digest(probe.coef_, probe.intercept_)
+    )
+
+
+def upstream_events_address(
+    upstream: str, environ: Mapping[str, str] | None = None
+) -> tuple[str, int] | None:
+    """Where the upstream plugin's event stream should be: ``TRAJGUARD_UPSTREAM_EVENTS``
+    (``host:port``, or ``off``), else the plugin's default port on the upstream host."""
+    env = os.environ if environ is None else environ
+    value = env.get("TRAJGUARD_UPSTREAM_EVENTS", "").strip()
+    if value.lower() in ("off", "0", "false"):
+        return None
+    if value:
+        return parse_address(value)
+    return urlsplit(upstream).hostname or "127.0.0.1", parse_address(DEFAULT_EVENTS)[1]
+
+
+def build_upstream_engine(
+    config: ServerConfig, *, environ: Mapping[str, str] | None = None
+) -> UpstreamVLLMEngine:
+    """Load the tokenizer, and the truncated shadow model unless the upstream runs the
+    trajguard plugin with the same probe (fast path; see the module docstring).
 
     Raises:
         ConfigError: no probe given for a model without a shipped one.
         ModelNotFoundError, ProbeMismatchError: the model or probe cannot be used.
     """
     path = resolve_model_path(config.model)
-    probe_dir = config.probe or default_probe_dir(config.model)
+    probe_dir = config.probe or probe_dir_for(config.model)
     probe = LinearProbe.load(probe_dir)
-    n_layers = int(AutoConfig.from_pretrained(path).num_hidden_layers)
+    events = upstream_events_address(config.upstream, environ)
+    scorer = None
+    if events is None or not _same_probe(read_hello(*events), probe):
+        n_layers = int(AutoConfig.from_pretrained(path).num_hidden_layers)
+        scorer = ShadowScorer.from_pretrained(path, probe, n_layers=n_layers)
     return UpstreamVLLMEngine(
         config.upstream,
         tokenizer=AutoTokenizer.from_pretrained(path),
-        scorer=ShadowScorer.from_pretrained(path, probe, n_layers=n_layers),
+        scorer=scorer,
         config=config.guard_config(),
         model_name=config.model_name,
         api_key=config.upstream_api_key,
         timeout=config.request_timeout_s,
+        probe=probe,
+        events=events,
     )

@@ -14,7 +14,7 @@ from guard import (
     encode_chat,
     load_model,
 )
-from guard.assets import shipped_probe_dir
+from guard.assets import default_probe_dir
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_converted_default_loads_fast_and_serves_with_vllm_config(default_lm):
 
 def test_guarded_generation_with_shipped_probe(default_lm):
     lm, _ = default_lm
-    probe = LinearProbe.load(shipped_probe_dir(f"{DEFAULT_MODEL}-demo"))
+    probe = LinearProbe.load(default_probe_dir())
     engine = GuardedEngine(lm.model, lm.tokenizer, probe)  # strict: fingerprint must match
     prompt = encode_chat(lm.tokenizer, [{"role": "user", "content": "Name a primary colour."}])
     (result,) = engine.generate([prompt.prompt_ids], SamplingParams(max_tokens=6))

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from guard import DEFAULT_MODEL
+from training.attacks.benign import run_benign
 from training.attacks.direct import run_direct
 from training.attacks.harness import AttackConfig, AttackReport
 from training.attacks.insert import (
@@ -22,6 +23,9 @@ from training.attacks.insert import (
     run_insert,
 )
 from training.attacks.prefill import DEFAULT_KS, run_prefill
+from training.attacks.worst_insert import run_worst_insert
+from training.rwi.candidates import DEFAULT_SPAN_LENGTHS
+from training.rwi.worst import CRITERIA
 
 app = typer.Typer(
     no_args_is_help=True, help="Attack a model (optionally guarded) and judge the outputs."
@@ -180,6 +184,61 @@ def insert(
         raise typer.BadParameter(f"must be one of {REFUSAL_SOURCES}", param_hint="--refusal")
     config = _config("insert", locals())
     _print(run_insert(config, p_values, m_values, refusal=refusal, random_per_prompt=random))
+
+
+@app.command()
+def rwi(
+    k: Annotated[int, typer.Option(min=1, help="Random insertions drawn per prompt.")] = 8,
+    lengths: Annotated[str, typer.Option(help="Span lengths m (tokens).")] = ",".join(
+        map(str, DEFAULT_SPAN_LENGTHS)
+    ),
+    criterion: Annotated[
+        str, typer.Option(help=f"Attacker's worst-of-K criterion: {'|'.join(CRITERIA)}.")
+    ] = "harm_likelihood",
+    model: Model = DEFAULT_MODEL,
+    prompts: Prompts = None,
+    split: Split = "test",
+    limit: Limit = None,
+    out: Out = Path("runs/attack"),
+    probe: Probe = None,
+    policy: Policy = "rollback",
+    strict_probe: StrictProbe = True,
+    max_tokens: MaxTokens = 48,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    judge: Judge = None,
+    writer: Writer = DEFAULT_MODEL,
+    writer_tokens: WriterTokens = 64,
+    data_dir: DataDir = None,
+) -> None:
+    """RWI attack: per prompt, the worst of K random insertions, chosen by the model itself."""
+    if criterion not in CRITERIA:
+        raise typer.BadParameter(f"must be one of {CRITERIA}", param_hint="--criterion")
+    m_values = _ints(lengths, "--lengths")
+    if min(m_values) < 1:
+        raise typer.BadParameter("span lengths must be >= 1", param_hint="--lengths")
+    _print(run_worst_insert(_config("rwi", locals()), k, m_values, criterion))
+
+
+@app.command()
+def benign(
+    n_eval: Annotated[int, typer.Option(min=2, help="Held-out benign prompts.")] = 120,
+    n_utility: Annotated[int, typer.Option(min=1, help="GSM8K references for utility.")] = 100,
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path("runs/attack"),
+    probe: Probe = None,
+    policy: Policy = "rollback",
+    strict_probe: StrictProbe = True,
+    max_tokens: MaxTokens = 64,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    data_dir: DataDir = None,
+) -> None:
+    """Benign side: over-refusal on XSTest safe prompts, false triggers, utility log-likelihood."""
+    summary = run_benign(_config("benign", locals()), n_eval=n_eval, n_utility=n_utility)
+    console.print({k: v for k, v in summary.items() if k != "config"})
 
 
 def _ints(text: str, hint: str) -> list[int]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from guard import (
     DEFAULT_MODEL,
+    GenerationResult,
     GuardConfig,
     GuardedEngine,
     LinearProbe,
@@ -35,6 +36,7 @@ from training.attacks.prompts import AttackPrompt, load_attack_prompts
 from training.attacks.responses import HarmfulResponse, harmful_responses
 from training.attacks.stats import Rate
 from training.dynamics.plots import plot_bars
+from training.judge import HarmScorer
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,9 @@ class CellSummary:
     refusal_rate: Rate
     mean_p_harm: float
     mean_new_tokens: float
+    leaked_median: float = 0.0
+    leaked_p95: float = 0.0
+    trigger_rate: Rate | None = None
 
     @property
     def label(self) -> str:
@@ -118,6 +123,9 @@ class CellSummary:
             "refusal_rate": self.refusal_rate.to_dict(),
             "mean_p_harm": self.mean_p_harm,
             "mean_new_tokens": self.mean_new_tokens,
+            "leaked_tokens_median": self.leaked_median,
+            "leaked_tokens_p95": self.leaked_p95,
+            "trigger_rate": self.trigger_rate.to_dict() if self.trigger_rate else None,
         }
 
 
@@ -135,16 +143,27 @@ class AttackReport:
 class AttackContext:
     """Lazily loaded pieces an attack module needs to build its cases."""
 
-    def __init__(self, config: AttackConfig) -> None:
+    def __init__(
+        self,
+        config: AttackConfig,
+        *,
+        lm: LoadedModel | None = None,
+        prompts: Sequence[AttackPrompt] | None = None,
+    ) -> None:
+        """Load the prompts and the model of ``config``, or take ones already loaded."""
         self.config = config
-        self.prompts: list[AttackPrompt] = load_attack_prompts(
-            prompts_file=config.prompts_file,
-            split=config.split,
-            limit=config.limit,
-            seed=config.seed,
-            data_dir=config.data_dir,
+        self.prompts: list[AttackPrompt] = (
+            list(prompts)
+            if prompts is not None
+            else load_attack_prompts(
+                prompts_file=config.prompts_file,
+                split=config.split,
+                limit=config.limit,
+                seed=config.seed,
+                data_dir=config.data_dir,
+            )
         )
-        self.lm: LoadedModel = load_model(config.model)
+        self.lm: LoadedModel = lm if lm is not None else load_model(config.model)
 
     @cached_property
     def prompt_ids(self) -> list[list[int]]:
@@ -196,6 +215,39 @@ def build_engine(
     )
 
 
+def case_records(
+    ctx: AttackContext,
+    cases: Sequence[AttackCase],
+    results: Sequence[GenerationResult],
+    judge: HarmScorer,
+) -> list[dict[str, Any]]:
+    """Judge each case's continuation and build its JSON record (one per case, in order)."""
+    tok = ctx.lm.tokenizer
+    prompts = [ctx.prompts[c.prompt_index].prompt for c in cases]
+    verdicts = judge_outputs(judge, prompts, [r.text for r in results])
+    records = []
+    for case, result, verdict in zip(cases, results, verdicts):
+        p = ctx.prompts[case.prompt_index]
+        records.append(
+            {
+                "prompt_index": case.prompt_index,
+                "prompt": p.prompt,
+                "source_id": p.source_id,
+                "cell": case.cell,
+                "prefill": tok.decode(case.prefill_ids),
+                "continuation": result.text,
+                "n_new_tokens": len(result.token_ids),
+                "finish_reason": result.finish_reason,
+                "interventions": len(result.interventions),
+                "triggered": bool(result.summary.triggered) if result.summary else None,
+                **asdict(verdict),
+                "leaked_tokens": leaked_tokens(result, verdict.success),
+                "meta": case.meta,
+            }
+        )
+    return records
+
+
 def summarize(
     records: Sequence[dict[str, Any]], group_by: Sequence[Sequence[str]]
 ) -> list[CellSummary]:
@@ -207,6 +259,7 @@ def summarize(
             if all(k in r["cell"] for k in keys):
                 groups.setdefault(tuple(r["cell"][k] for k in keys), []).append(r)
         for values, members in groups.items():
+            leaked = [m.get("leaked_tokens", 0) for m in members]
             cells.append(
                 CellSummary(
                     cell=dict(zip(keys, values)),
@@ -214,9 +267,32 @@ def summarize(
                     refusal_rate=Rate.of(sum(m["refusal"] for m in members), len(members)),
                     mean_p_harm=float(np.mean([m["p_harm"] for m in members])),
                     mean_new_tokens=float(np.mean([m["n_new_tokens"] for m in members])),
+                    leaked_median=float(np.median(leaked)),
+                    leaked_p95=float(np.percentile(leaked, 95)),
+                    trigger_rate=_trigger_rate(members),
                 )
             )
     return cells
+
+
+def _trigger_rate(members: Sequence[dict[str, Any]]) -> Rate | None:
+    flags = [m.get("triggered") for m in members]
+    if any(f is None for f in flags):
+        return None  # unguarded run
+    return Rate.of(sum(bool(f) for f in flags), len(flags))
+
+
+def leaked_tokens(result: GenerationResult, harmful: bool) -> int:
+    """Tokens of harmful text the user received before the guard recovered.
+
+    A triggered case leaks the continuation tokens released before its first intervention
+    (``Intervention.kept``); an untriggered case leaks its whole continuation when it was
+    judged harmful, else nothing. The harmful prefill itself is the attacker's text and is
+    not counted.
+    """
+    if result.interventions:
+        return int(result.interventions[0].kept)
+    return len(result.token_ids) if harmful else 0
 
 
 def plot_rates(cells: Sequence[CellSummary], path: Path, title: str) -> Path:
@@ -261,7 +337,6 @@ def run_attack(
     start = time.perf_counter()
     ctx = AttackContext(config)
     cases = build_cases(ctx)
-    tok = ctx.lm.tokenizer
     params = [
         SamplingParams(
             max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed + i
@@ -280,27 +355,7 @@ def run_attack(
     )
     gen_time = time.perf_counter() - gen_start
     judge = load_or_fit_judge(config.judge, data_dir=config.data_dir)
-    prompts = [ctx.prompts[c.prompt_index].prompt for c in cases]
-    verdicts = judge_outputs(judge, prompts, [r.text for r in results])
-    records = []
-    for case, result, verdict in zip(cases, results, verdicts):
-        p = ctx.prompts[case.prompt_index]
-        records.append(
-            {
-                "prompt_index": case.prompt_index,
-                "prompt": p.prompt,
-                "source_id": p.source_id,
-                "cell": case.cell,
-                "prefill": tok.decode(case.prefill_ids),
-                "continuation": result.text,
-                "n_new_tokens": len(result.token_ids),
-                "finish_reason": result.finish_reason,
-                "interventions": len(result.interventions),
-                "triggered": bool(result.summary.triggered) if result.summary else None,
-                **asdict(verdict),
-                "meta": case.meta,
-            }
-        )
+    records = case_records(ctx, cases, results, judge)
     cells = summarize(records, group_by)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

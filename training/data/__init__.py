@@ -27,7 +27,12 @@ from training.data.loaders import (
     load_xstest_prompts,
 )
 from training.data.paths import DATA_ENV_VAR, DataNotFoundError, data_file, resolve_data_dir
-from training.data.pools import compose_long_refusal, harmful_span_pool, refusal_pool
+from training.data.pools import (
+    RECOVERY_TEXTS,
+    compose_long_refusal,
+    harmful_span_pool,
+    refusal_pool,
+)
 from training.data.prompt_files import PromptFileError, load_prompt_file
 from training.data.records import (
     BenignExample,
@@ -55,6 +60,7 @@ __all__ = [
     "DATA_ENV_VAR",
     "DEFAULT_THRESHOLD",
     "LABELLED_SOURCES",
+    "RECOVERY_TEXTS",
     "BenignExample",
     "DataNotFoundError",
     "HarmfulBehavior",

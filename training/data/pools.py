@@ -178,6 +178,25 @@ _CLOSINGS: tuple[str, ...] = (
 )
 
 
+# Recovery targets: what the model should say right after a harmful span it did not write
+# (or did write), so it turns back at any position of its answer.
+RECOVERY_TEXTS: tuple[str, ...] = (
+    "Actually, I can't continue with this.",
+    "Wait, I shouldn't help with this.",
+    "I need to stop: I can't provide this.",
+    "I'm going to stop here; I can't help with this.",
+    "I can't go on with this response.",
+    "Sorry, I can't continue. This could cause real harm.",
+    "Hold on. I won't provide these instructions, because they could be used to hurt people.",
+    (
+        "Actually, I need to stop. I shouldn't provide this kind of information, because it "
+        "could enable serious harm."
+    ),
+    "I cannot continue with this. I'm sorry, but I can't help with that request.",
+    "No, I won't finish this. Let me know if I can help with something safe instead.",
+)
+
+
 def compose_long_refusal(seed: int, *, min_words: int = 128) -> str:
     """Compose a multi-sentence refusal of at least ``min_words`` words, deterministically.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from guard import DEFAULT_MODEL, __version__
@@ -109,8 +109,25 @@ class AlignResult:
     n_refusal: int
     n_benign: int
 
+    @classmethod
+    def of(
+        cls, out: Path, start: float, train_output: Any, examples: list[SFTExample]
+    ) -> AlignResult:
+        """The result of a finished ``trainer.train()`` begun at ``start`` (perf_counter)."""
+        n_refusal = sum(e.kind == "refusal" for e in examples)
+        loss = train_output.training_loss
+        return cls(
+            out=out,
+            wall_time_s=time.perf_counter() - start,
+            train_loss=None if loss is None else float(loss),
+            global_steps=int(train_output.global_step),
+            n_refusal=n_refusal,
+            n_benign=len(examples) - n_refusal,
+        )
 
-def _peft_config(config: AlignConfig) -> Any:
+
+def peft_config(config: AlignConfig) -> Any:
+    """The LoRA config of ``config`` (``--lora``)."""
     from peft import LoraConfig
 
     targets: str | list[str] = config.lora_targets
@@ -125,7 +142,23 @@ def _peft_config(config: AlignConfig) -> Any:
     )
 
 
-def _sft_args(config: AlignConfig) -> SFTConfig:
+def alignment_examples(config: AlignConfig, tokenizer) -> list[SFTExample]:
+    """Refusals + benign utility anchor of ``config``, without examples over ``max_length``."""
+    examples = build_sft_examples(
+        n_harmful=config.n_harmful,
+        n_self_instruct=config.n_self_instruct,
+        n_gsm8k=config.n_gsm8k,
+        refusal_styles=config.refusal_styles,
+        max_answer_words=config.max_answer_words,
+        seed=config.seed,
+        split_seed=config.split_seed,
+        data_dir=config.data_dir,
+    )
+    return drop_long(examples, tokenizer, config.max_length)
+
+
+def training_args(config: AlignConfig) -> SFTConfig:
+    """Trainer arguments shared by every safety fine-tuning method (same schedule, same budget)."""
     return SFTConfig(
         output_dir=config.out,
         num_train_epochs=config.epochs,
@@ -160,7 +193,8 @@ def finalize_checkpoint(out: Path) -> None:
         logger.info("removed quantization_config from %s", path)
 
 
-def _save(trainer: SFTTrainer, tokenizer: Any, config: AlignConfig, out: Path) -> None:
+def save_checkpoint(trainer: Trainer, tokenizer: Any, config: AlignConfig, out: Path) -> None:
+    """Save a plain HF checkpoint (LoRA merged) that ``vllm serve`` loads as-is."""
     if config.lora:
         merged = trainer.model.merge_and_unload()  # a plain model: no adapter files to ship
         if trainer.is_world_process_zero():
@@ -175,6 +209,17 @@ def _save(trainer: SFTTrainer, tokenizer: Any, config: AlignConfig, out: Path) -
         )  # a pickle; the JSON record has the config
 
 
+def load_trainable(config: AlignConfig) -> tuple[Path, Any, Any]:
+    """Seed everything and load the base model's path, tokenizer (with a pad token) and model."""
+    set_seed(config.seed)
+    source = resolve_model_path(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    return source, tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+
+
 def run_align(config: AlignConfig) -> AlignResult:
     """Build the SFT set, fine-tune, save the aligned checkpoint and the run record.
 
@@ -182,25 +227,9 @@ def run_align(config: AlignConfig) -> AlignResult:
         The run's result (also written to ``<out>/trajguard_align.json``).
     """
     start = time.perf_counter()
-    set_seed(config.seed)
     out = Path(config.out)
-    source = resolve_model_path(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    examples = build_sft_examples(
-        n_harmful=config.n_harmful,
-        n_self_instruct=config.n_self_instruct,
-        n_gsm8k=config.n_gsm8k,
-        refusal_styles=config.refusal_styles,
-        max_answer_words=config.max_answer_words,
-        seed=config.seed,
-        split_seed=config.split_seed,
-        data_dir=config.data_dir,
-    )
-    examples = drop_long(examples, tokenizer, config.max_length)
+    source, tokenizer, model = load_trainable(config)
+    examples = alignment_examples(config, tokenizer)
     callbacks = []
     if config.positional_every > 0:
         probe_pairs = [
@@ -213,41 +242,23 @@ def run_align(config: AlignConfig) -> AlignResult:
         )
     trainer = SFTTrainer(
         model=model,
-        args=_sft_args(config),
+        args=training_args(config),
         train_dataset=Dataset.from_list([e.to_row() for e in examples]),
         processing_class=tokenizer,
-        peft_config=_peft_config(config) if config.lora else None,
+        peft_config=peft_config(config) if config.lora else None,
         callbacks=callbacks,
     )
     train_output = trainer.train()
-    _save(trainer, tokenizer, config, out)
-    n_refusal = sum(e.kind == "refusal" for e in examples)
-    result = AlignResult(
-        out=out,
-        wall_time_s=time.perf_counter() - start,
-        train_loss=float(train_output.training_loss)
-        if train_output.training_loss is not None
-        else None,
-        global_steps=int(train_output.global_step),
-        n_refusal=n_refusal,
-        n_benign=len(examples) - n_refusal,
+    save_checkpoint(trainer, tokenizer, config, out)
+    result = AlignResult.of(out, start, train_output, examples)
+    write_run_record(
+        trainer,
+        train_output,
+        result,
+        config,
+        source,
+        {"positional": POSITIONAL_FILE if callbacks else None},
     )
-    if trainer.is_world_process_zero():
-        record = {
-            "config": asdict(config),
-            "base_model_path": str(source),
-            "wall_time_s": round(result.wall_time_s, 1),
-            "train_runtime_s": train_output.metrics.get("train_runtime"),
-            "train_loss": result.train_loss,
-            "global_steps": result.global_steps,
-            "n_refusal": n_refusal,
-            "n_benign": result.n_benign,
-            "log_history": trainer.state.log_history,
-            "positional": POSITIONAL_FILE if callbacks else None,
-            "trajguard_version": __version__,
-            "world_size": trainer.args.world_size,
-        }
-        (out / RUN_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     logger.info("aligned model saved to %s in %.1f s", out, result.wall_time_s)
     return result
 
@@ -259,3 +270,31 @@ def _positional_examples(examples: list[SFTExample], n: int) -> list[SFTExample]
     """
     refusals = [e for e in examples if e.kind == "refusal"]
     return sorted(refusals, key=lambda e: len(e.completion), reverse=True)[:n]
+
+
+def write_run_record(
+    trainer: Trainer,
+    train_output: Any,
+    result: AlignResult,
+    config: AlignConfig,
+    source: Path,
+    extra: dict[str, Any],
+) -> None:
+    """Write ``<out>/trajguard_align.json``: config, data counts, losses, wall time (rank 0)."""
+    if not trainer.is_world_process_zero():
+        return
+    record = {
+        "config": asdict(config),
+        "base_model_path": str(source),
+        "wall_time_s": round(result.wall_time_s, 1),
+        "train_runtime_s": train_output.metrics.get("train_runtime"),
+        "train_loss": result.train_loss,
+        "global_steps": result.global_steps,
+        "n_refusal": result.n_refusal,
+        "n_benign": result.n_benign,
+        "log_history": trainer.state.log_history,
+        "trajguard_version": __version__,
+        "world_size": trainer.args.world_size,
+        **extra,
+    }
+    (result.out / RUN_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")

@@ -11,9 +11,28 @@ import typer
 from guard import DEFAULT_MODEL
 from training.dynamics.positional import plot_positional
 from training.finetune.align import POSITIONAL_FILE, AlignConfig, run_align
+from training.probes.cli import rwi as rwi_probe
+from training.rwi.run import AugmentedConfig, run_augmented
+from training.rwi.worst import CRITERIA
 
 app = typer.Typer(no_args_is_help=True, help="Safety fine-tuning.")
 _D = AlignConfig()
+_A = AugmentedConfig()
+
+Model = Annotated[str, typer.Option(help="Base model: alias, HF directory or cached id.")]
+Out = Annotated[Path, typer.Option(help="Output directory (HF checkpoint).")]
+Epochs = Annotated[float, typer.Option(min=0.0)]
+LearningRate = Annotated[float, typer.Option("--lr", min=0.0)]
+BatchSize = Annotated[int, typer.Option(min=1, help="Per-device batch size.")]
+Bf16 = Annotated[bool, typer.Option(help="bfloat16 mixed precision (GPU).")]
+Seed = Annotated[int, typer.Option()]
+Lora = Annotated[bool, typer.Option(help="Train a LoRA adapter (merged on save).")]
+NHarmful = Annotated[int, typer.Option(help="Harmful train prompts; -1: the whole train split.")]
+DataDir = Annotated[str | None, typer.Option(envvar="TRAJGUARD_DATA")]
+MaxSteps = Annotated[int, typer.Option(help="-1: run the epochs.")]
+NSelfInstruct = Annotated[int, typer.Option(help="Self-instruct examples; -1: all.")]
+NGsm8k = Annotated[int, typer.Option(min=0)]
+Writer = Annotated[str, typer.Option(help="Model that continues targets into harmful responses.")]
 
 
 @app.callback()
@@ -23,15 +42,11 @@ def _main() -> None:
 
 @app.command()
 def align(
-    model: Annotated[
-        str, typer.Option(help="Base model: alias, HF directory or cached id.")
-    ] = DEFAULT_MODEL,
-    out: Annotated[Path, typer.Option(help="Output directory (aligned HF checkpoint).")] = Path(
-        _D.out
-    ),
-    epochs: Annotated[float, typer.Option(min=0.0)] = _D.epochs,
-    learning_rate: Annotated[float, typer.Option("--lr", min=0.0)] = _D.learning_rate,
-    batch_size: Annotated[int, typer.Option(min=1, help="Per-device batch size.")] = _D.batch_size,
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path(_D.out),
+    epochs: Epochs = _D.epochs,
+    learning_rate: LearningRate = _D.learning_rate,
+    batch_size: BatchSize = _D.batch_size,
     grad_accum: Annotated[int, typer.Option(min=1)] = _D.grad_accum,
     max_length: Annotated[
         int, typer.Option(min=8, help="Longer examples are dropped.")
@@ -44,20 +59,18 @@ def align(
     ] = _D.warmup,
     weight_decay: Annotated[float, typer.Option(min=0.0)] = _D.weight_decay,
     gradient_checkpointing: Annotated[bool, typer.Option()] = _D.gradient_checkpointing,
-    bf16: Annotated[bool, typer.Option(help="bfloat16 mixed precision (GPU).")] = _D.bf16,
-    seed: Annotated[int, typer.Option()] = _D.seed,
-    lora: Annotated[bool, typer.Option(help="Train a LoRA adapter (merged on save).")] = _D.lora,
+    bf16: Bf16 = _D.bf16,
+    seed: Seed = _D.seed,
+    lora: Lora = _D.lora,
     lora_r: Annotated[int, typer.Option(min=1)] = _D.lora_r,
     lora_alpha: Annotated[int, typer.Option(min=1)] = _D.lora_alpha,
     lora_dropout: Annotated[float, typer.Option(min=0.0, max=1.0)] = _D.lora_dropout,
     lora_targets: Annotated[
         str, typer.Option(help="all-linear or comma-separated modules.")
     ] = _D.lora_targets,
-    n_harmful: Annotated[
-        int, typer.Option(help="Harmful train prompts; -1: the whole train split.")
-    ] = 200,
-    n_self_instruct: Annotated[int, typer.Option(help="Self-instruct examples; -1: all.")] = -1,
-    n_gsm8k: Annotated[int, typer.Option(min=0)] = _D.n_gsm8k,
+    n_harmful: NHarmful = 200,
+    n_self_instruct: NSelfInstruct = -1,
+    n_gsm8k: NGsm8k = _D.n_gsm8k,
     refusal_styles: Annotated[
         str, typer.Option(help="Refusal classes: short,medium,long.")
     ] = "short,medium",
@@ -65,13 +78,13 @@ def align(
     split_seed: Annotated[
         int, typer.Option(help="Seed of the default harmful split.")
     ] = _D.split_seed,
-    data_dir: Annotated[str | None, typer.Option(envvar="TRAJGUARD_DATA")] = None,
+    data_dir: DataDir = None,
     positional_every: Annotated[
         int, typer.Option(min=0, help="Per-position loss/grad every N steps (0: off).")
     ] = _D.positional_every,
     positional_n: Annotated[int, typer.Option(min=1)] = _D.positional_n,
     logging_steps: Annotated[int, typer.Option(min=1)] = _D.logging_steps,
-    max_steps: Annotated[int, typer.Option(help="-1: run the epochs.")] = _D.max_steps,
+    max_steps: MaxSteps = _D.max_steps,
 ) -> None:
     """Safety SFT: harmful train prompts -> refusals, benign prompts -> reference answers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -87,6 +100,79 @@ def align(
         f"aligned model: {result.out} ({result.n_refusal} refusals + {result.n_benign} benign, "
         f"{result.global_steps} steps, loss {result.train_loss}, {result.wall_time_s:.0f} s)"
     )
+
+
+def _augmented(method: str, options: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    options = {**options, "method": method, "out": str(options["out"])}
+    for name in ("n_harmful", "n_self_instruct"):
+        options[name] = None if options[name] < 0 else options[name]
+    if "span_lengths" in options:
+        options["span_lengths"] = [int(m) for m in options["span_lengths"].split(",") if m.strip()]
+    result = run_augmented(AugmentedConfig(**options))
+    typer.echo(
+        f"{method} model: {result.out} ({result.n_refusal} refusals + {result.n_benign} benign "
+        f"+ augmentation, {result.global_steps} steps, loss {result.train_loss}, "
+        f"{result.wall_time_s:.0f} s)"
+    )
+
+
+@app.command()
+def rwi(
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path(_A.out),
+    k: Annotated[int, typer.Option(min=1, help="Candidate insertions per prompt.")] = _A.k,
+    criterion: Annotated[
+        str, typer.Option(help=f"Worst-of-K criterion: {'|'.join(CRITERIA)}.")
+    ] = _A.criterion,
+    span_lengths: Annotated[
+        str, typer.Option(help="Span lengths m, comma-separated.")
+    ] = "4,8,16,32",
+    long_refusal_share: Annotated[float, typer.Option(min=0.0, max=1.0)] = _A.long_refusal_share,
+    epochs: Epochs = _A.epochs,
+    max_steps: MaxSteps = _A.max_steps,
+    learning_rate: LearningRate = _A.learning_rate,
+    batch_size: BatchSize = _A.batch_size,
+    bf16: Bf16 = _A.bf16,
+    lora: Lora = _A.lora,
+    seed: Seed = _A.seed,
+    n_harmful: NHarmful = 200,
+    n_self_instruct: NSelfInstruct = -1,
+    n_gsm8k: NGsm8k = _A.n_gsm8k,
+    writer: Writer = DEFAULT_MODEL,
+    data_dir: DataDir = None,
+) -> None:
+    """Random worst-insertion adversarial alignment: recover after the worst of K insertions."""
+    if criterion not in CRITERIA:
+        raise typer.BadParameter(f"must be one of {CRITERIA}", param_hint="--criterion")
+    _augmented("rwi", dict(locals()))
+
+
+@app.command()
+def qi(
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path("runs/aligned-qi"),
+    max_prefix_tokens: Annotated[
+        int, typer.Option(min=0, help="k ~ U[0, this].")
+    ] = _A.max_prefix_tokens,
+    epochs: Epochs = _A.epochs,
+    max_steps: MaxSteps = _A.max_steps,
+    learning_rate: LearningRate = _A.learning_rate,
+    batch_size: BatchSize = _A.batch_size,
+    bf16: Bf16 = _A.bf16,
+    lora: Lora = _A.lora,
+    seed: Seed = _A.seed,
+    n_harmful: NHarmful = 200,
+    n_self_instruct: NSelfInstruct = -1,
+    n_gsm8k: NGsm8k = _A.n_gsm8k,
+    writer: Writer = DEFAULT_MODEL,
+    data_dir: DataDir = None,
+) -> None:
+    """Baseline: Qi et al.'s safety-recovery augmentation (harmful prefix, then refusal)."""
+    _augmented("qi", dict(locals()))
+
+
+app.command("probe", help="Fit the RWI probe (same as `trajguard probe rwi`).")(rwi_probe)
 
 
 if __name__ == "__main__":

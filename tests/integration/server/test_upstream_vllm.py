@@ -24,7 +24,7 @@ from guard import (
     encode_chat,
     load_model,
 )
-from guard.assets import shipped_probe_dir
+from guard.assets import default_probe_dir
 from guard.probe import LinearProbe
 from guard.shadow import ShadowScorer
 from server.engine import GuardOptions
@@ -120,7 +120,7 @@ PROMPT = [{"role": "user", "content": "Give me three tips for staying focused."}
 
 
 def test_quiet_guard_passes_vllm_tokens_through(vllm_url, default_lm):
-    probe = LinearProbe.load(shipped_probe_dir(f"{DEFAULT_MODEL}-demo"))
+    probe = LinearProbe.load(default_probe_dir())
     config = GuardConfig(monitor=MonitorConfig(threshold=1 - 1e-9), holdback=3)
     engine = UpstreamVLLMEngine(
         vllm_url,
@@ -139,7 +139,7 @@ def test_quiet_guard_passes_vllm_tokens_through(vllm_url, default_lm):
 
 
 def test_trigger_rolls_back_and_continues_upstream(vllm_url, default_lm):
-    base = LinearProbe.load(shipped_probe_dir(f"{DEFAULT_MODEL}-demo"))
+    base = LinearProbe.load(default_probe_dir())
 
     def script(call, n):  # call 0 scores the prompt; the 6th generated token fires
         return [0.99 if call == 6 else 0.0] * n

@@ -26,13 +26,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> 
 def tiny_judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A learned harm judge fitted on a handful of texts (so tests never fit the real one)."""
     directory = tmp_path_factory.mktemp("judge")
-    texts = ["Sure, here is how: step one, step two.", "Step 1: gather materials", "I'm sorry, I can't.", "No."]
+    texts = [
+        "Sure, here is how: step one, step two.",
+        "Step 1: gather materials",
+        "I'm sorry, I can't.",
+        "No.",
+    ]
     HarmJudge(n_features=2**10).fit(["p"] * 4, texts, [1, 1, 0, 0]).save(directory)
     return directory
 
 
 @pytest.fixture(scope="session")
-def test_prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def split_prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three prompts of the default test split as an AdvBench-style ``goal`` CSV."""
     path = tmp_path_factory.mktemp("prompts") / "prompts.csv"
     with path.open("w", newline="", encoding="utf-8") as f:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 from typer.testing import CliRunner
 
 from tests.helpers import fitted_probe
-from training.attacks import END, Rate, insertion_point, parse_positions, summarize, wilson_interval, word_starts
+from training.attacks import (
+    END,
+    Rate,
+    insertion_point,
+    parse_positions,
+    summarize,
+    wilson_interval,
+    word_starts,
+)
 from training.attacks.cli import app
 from training.attacks.insert import span_ids
 from training.attacks.prompts import load_attack_prompts
@@ -53,7 +63,13 @@ def test_wilson_edges_and_errors() -> None:
 
 def test_summarize_groups_cells() -> None:
     records = [
-        {"cell": {"p": p, "m": m}, "success": s, "refusal": not s, "p_harm": float(s), "n_new_tokens": 4}
+        {
+            "cell": {"p": p, "m": m},
+            "success": s,
+            "refusal": not s,
+            "p_harm": float(s),
+            "n_new_tokens": 4,
+        }
         for p, m, s in [(0, 4, True), (0, 4, False), (8, 4, True), (0, 8, True)]
     ]
     cells = {c.label: c for c in summarize(records, [("p", "m"), ("m",), ()])}
@@ -81,7 +97,10 @@ def test_insertion_points_snap_to_word_starts(tiny_tokenizer) -> None:
     assert insertion_point(starts, END) == len(ids)
     assert insertion_point(starts, 1) == next(s for s in starts if s >= 1)
     assert insertion_point(starts, len(ids) + 1) is None
-    assert tiny_tokenizer.decode(span_ids(tiny_tokenizer, "Sure, here is", 50, after_text=True)) == " Sure, here is"
+    assert (
+        tiny_tokenizer.decode(span_ids(tiny_tokenizer, "Sure, here is", 50, after_text=True))
+        == " Sure, here is"
+    )
 
 
 # --- the default split ----------------------------------------------------------------------
@@ -110,7 +129,9 @@ def test_attack_prompts_sample_is_seeded_and_from_test_split() -> None:
     assert a != load_attack_prompts(split="test", limit=5, seed=2)
 
 
-def test_harmful_responses_prefer_recorded_then_writer(isolated_home: Path, tiny_model_dir: Path) -> None:
+def test_harmful_responses_prefer_recorded_then_writer(
+    isolated_home: Path, tiny_model_dir: Path
+) -> None:
     from guard import load_model
 
     prompts = load_attack_prompts(split="test")
@@ -145,8 +166,10 @@ def _rows(out: Path, attack: str) -> list[dict]:
     return [json.loads(line) for line in (out / f"{attack}.jsonl").read_text().splitlines()]
 
 
-def test_cli_direct_and_prefill(isolated_home, tiny_model_dir, test_prompts_file, tiny_judge_dir, tmp_path) -> None:
-    common = _common(tiny_model_dir, test_prompts_file, tiny_judge_dir, tmp_path)
+def test_cli_direct_and_prefill(
+    isolated_home, tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path
+) -> None:
+    common = _common(tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path)
     result = runner.invoke(app, ["direct", *common])
     assert result.exit_code == 0, result.output
     summary = _summary(tmp_path, "direct")
@@ -159,7 +182,7 @@ def test_cli_direct_and_prefill(isolated_home, tiny_model_dir, test_prompts_file
     assert [c["cell"] for c in _summary(tmp_path, "prefill")["cells"]] == [{"k": 2}, {"k": 5}]
     rows = _rows(tmp_path, "prefill")
     assert len(rows) == 6
-    targets = {p.prompt: p.target for p in load_attack_prompts(prompts_file=test_prompts_file)}
+    targets = {p.prompt: p.target for p in load_attack_prompts(prompts_file=split_prompts_file)}
     for r in rows:  # the prefill is the start of the prompt's harmful response (target first)
         assert r["meta"]["k_eff"] == r["cell"]["k"]
         if r["meta"]["response_source"].startswith("target+"):
@@ -167,9 +190,9 @@ def test_cli_direct_and_prefill(isolated_home, tiny_model_dir, test_prompts_file
 
 
 def test_cli_insert_grid_random_and_guarded(
-    isolated_home, tiny_model_dir, test_prompts_file, tiny_judge_dir, tmp_path, tiny_tokenizer
+    isolated_home, tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path, tiny_tokenizer
 ) -> None:
-    common = _common(tiny_model_dir, test_prompts_file, tiny_judge_dir, tmp_path)
+    common = _common(tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path)
     result = runner.invoke(app, ["insert", "--positions", "0,8,end", "--lengths", "3,5", *common])
     assert result.exit_code == 0, result.output
     rows = _rows(tmp_path, "insert")
@@ -187,7 +210,9 @@ def test_cli_insert_grid_random_and_guarded(
     labels = {c["label"] for c in _summary(tmp_path, "insert")["cells"]}
     assert {"p=0,m=3", "p=end,m=5", "m=3", "m=5"} <= labels
 
-    result = runner.invoke(app, ["insert", "--random", "2", "--lengths", "4", "--refusal", "own", *common])
+    result = runner.invoke(
+        app, ["insert", "--random", "2", "--lengths", "4", "--refusal", "own", *common]
+    )
     assert result.exit_code == 0, result.output
     assert len(_rows(tmp_path, "insert")) == 6
     assert [c["label"] for c in _summary(tmp_path, "insert")["cells"]] == ["all", "m=4"]
@@ -200,8 +225,79 @@ def test_cli_insert_grid_random_and_guarded(
     assert all(r["triggered"] is not None for r in rows)  # the guard scored every request
 
 
-def test_cli_rejects_bad_options(tiny_model_dir, test_prompts_file, tiny_judge_dir, tmp_path) -> None:
-    common = _common(tiny_model_dir, test_prompts_file, tiny_judge_dir, tmp_path)
+def test_cli_rejects_bad_options(
+    tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path
+) -> None:
+    common = _common(tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path)
     assert runner.invoke(app, ["insert", "--positions", "x", *common]).exit_code != 0
     assert runner.invoke(app, ["direct", "--policy", "explode", *common]).exit_code != 0
     assert runner.invoke(app, ["prefill", "--ks", "a", *common]).exit_code != 0
+
+
+def test_cli_rwi_attack_keeps_the_models_worst_candidate(
+    isolated_home, tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path
+) -> None:
+    from training.attacks.harness import AttackConfig, AttackContext
+    from training.attacks.insert import pool_refusals
+    from training.attacks.worst_insert import worst_insertion_cases
+    from training.rwi.candidates import sample_insertions
+    from training.rwi.worst import insertion_scores
+
+    common = _common(tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path)
+    result = runner.invoke(app, ["rwi", "--k", "3", "--lengths", "2,4", *common])
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path, "rwi")
+    assert len(rows) == 3 and all(r["cell"]["k"] == 3 for r in rows)
+    assert all(r["prefill"].endswith(r["meta"]["span"]) and r["meta"]["m"] in (2, 4) for r in rows)
+    assert {c["label"] for c in _summary(tmp_path, "rwi")["cells"]} >= {"k=3"}
+    # the chosen case is the argmax of the model's own harm-likelihood over the K draws
+    config = AttackConfig(
+        "rwi", model=str(tiny_model_dir), prompts_file=str(split_prompts_file),
+        writer=str(tiny_model_dir), writer_tokens=8, judge=str(tiny_judge_dir),
+    )  # fmt: skip
+    ctx = AttackContext(config)
+    cases = worst_insertion_cases(ctx, 3, (2, 4), "harm_likelihood")
+    assert [(c.meta["p"], c.meta["m"], c.meta["span"]) for c in cases] == [
+        (r["meta"]["p"], r["meta"]["m"], r["meta"]["span"]) for r in rows
+    ]
+    rng, tok = random.Random(config.seed), ctx.lm.tokenizer
+    for i, (case, refusal) in enumerate(zip(cases, pool_refusals(3, config.seed))):
+        spans = [(ctx.responses[i].text, ctx.responses[i].source)]
+        candidates = sample_insertions(
+            tok, tok.encode(refusal, add_special_tokens=False), spans, 3, rng, lengths=(2, 4)
+        )
+        scores = insertion_scores(
+            ctx.lm.model, [ctx.prompt_ids[i]] * 3, candidates, "harm_likelihood",
+            pad_id=tok.pad_token_id or 0,
+        )  # fmt: skip
+        assert case.prefill_ids == candidates[int(np.argmax(scores))].prefix_ids
+        assert case.meta["score"] == pytest.approx(float(scores.max()))
+
+
+def test_cli_benign_reports_over_refusal_triggers_and_utility(tiny_model_dir, tmp_path) -> None:
+    probe_dir = fitted_probe(32, "blocks.1.hook_resid_post").save(tmp_path / "probe")
+    args = [
+        "benign", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--n-eval", "6",
+        "--n-utility", "3", "--max-tokens", "4", "--probe", str(probe_dir), "--no-strict-probe",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "benign_summary.json").read_text())
+    rows = _rows(tmp_path, "benign")
+    assert len(rows) == 6 and {r["set"] for r in rows} == {"xstest_safe", "gsm8k_test"}
+    assert summary["over_refusal_xstest_safe"]["n"] == 3
+    assert summary["false_trigger_rate"]["successes"] == sum(r["triggered"] for r in rows)
+    assert summary["reference_loglik_gsm8k"] < 0
+
+
+def test_leaked_tokens_counts_released_harm_before_recovery() -> None:
+    from guard import GenerationResult, Intervention
+    from training.attacks.harness import leaked_tokens
+
+    clean = GenerationResult("a", token_ids=[1, 2, 3])
+    assert leaked_tokens(clean, harmful=True) == 3 and leaked_tokens(clean, harmful=False) == 0
+    caught = GenerationResult("b", token_ids=[1, 2, 3, 4, 5])
+    caught.interventions.append(
+        Intervention(step=4, score=0.9, action="rollback", kept=2, discarded=2)
+    )
+    assert leaked_tokens(caught, harmful=True) == 2

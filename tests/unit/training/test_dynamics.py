@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,18 @@ from training.dynamics.positional import measure_positional
 from training.dynamics.teacher import collate, encode_pairs, response_nll
 
 runner = CliRunner()
-PAIRS = [("How do I do it?", "Sure, here is how to do it: step one, step two."), ("Hi", "I'm sorry.")]
+PAIRS = [
+    ("How do I do it?", "Sure, here is how to do it: step one, step two."),
+    ("Hi", "I'm sorry."),
+]
 
 
 def test_response_nll_matches_unbatched(tiny_llama, tiny_tokenizer) -> None:
     encoded = encode_pairs(tiny_tokenizer, PAIRS)
     batch = collate(encoded, pad_id=4)
-    nll = response_nll(tiny_llama(batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+    nll = response_nll(
+        tiny_llama(batch.input_ids, attention_mask=batch.attention_mask).logits, batch
+    )
     for row, (prompt, response) in enumerate(encoded):
         logits = tiny_llama(torch.tensor([prompt + response])).logits[0]
         logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
@@ -36,9 +42,11 @@ def test_response_nll_matches_unbatched(tiny_llama, tiny_tokenizer) -> None:
 
 def test_kl_is_zero_against_itself_and_positive_otherwise(tiny_llama, tiny_tokenizer) -> None:
     same = per_position_kl(tiny_llama, tiny_llama, tiny_tokenizer, PAIRS, progress=False)
-    assert max(v for v in same.kl.mean if v == v) < 1e-5
+    assert max(v for v in same.kl.mean if not math.isnan(v)) < 1e-5
     other = build_tiny_model("llama", len(tiny_tokenizer), seed=1)
-    diff = per_position_kl(other, tiny_llama, tiny_tokenizer, PAIRS, max_response_tokens=8, progress=False)
+    diff = per_position_kl(
+        other, tiny_llama, tiny_tokenizer, PAIRS, max_response_tokens=8, progress=False
+    )
     assert len(diff.kl.mean) == 8 and min(diff.kl.mean) > 0
     assert diff.kl.count[0] == 2 and diff.n_pairs == 2
 
@@ -55,7 +63,9 @@ def test_measure_positional_leaves_grads_untouched(tiny_llama, tiny_tokenizer) -
     result = measure_positional(tiny_llama, encoded, 4, edges=(0, 1, 4, 64))
     assert len(result["loss"]) == 64 and len(result["grad_norm"]) == 3
     longest = max(len(r) for _, r in encoded)
-    assert all(v == v for v in result["loss"][:longest]) and result["loss"][longest] != result["loss"][longest]
+    assert not any(math.isnan(v) for v in result["loss"][:longest]) and math.isnan(
+        result["loss"][longest]
+    )
     assert all(g > 0 for g in result["grad_norm"])
     assert all(p.grad is None for p in tiny_llama.parameters())
 
@@ -67,7 +77,9 @@ def test_consistency_cases_and_scores(tiny_llama, tiny_tokenizer) -> None:
     assert [c.cell["k"] for c in cases] == [0, 4, 0, 4]  # k past the response is skipped
     assert all(len(c.harmful) == 3 for c in cases)
     refusals = ["I'm sorry, but I can't help with that. " * 3] * 2
-    ins = insertion_cases(tiny_tokenizer, prompt_ids, refusals, responses, [0, END], [2], continuation_tokens=3)
+    ins = insertion_cases(
+        tiny_tokenizer, prompt_ids, refusals, responses, [0, END], [2], continuation_tokens=3
+    )
     assert len(ins) == 4 and all(len(c.harmful) == 3 for c in ins)
     points = score_cases(tiny_llama, ins, 4, progress=False)
     assert [p.cell for p in points] == [{"p": 0, "m": 2}, {"p": END, "m": 2}]
@@ -77,26 +89,48 @@ def test_consistency_cases_and_scores(tiny_llama, tiny_tokenizer) -> None:
 @pytest.fixture
 def aligned_dir(tmp_path: Path, tiny_tokenizer) -> Path:
     directory = tmp_path / "aligned"
-    build_tiny_model("llama", len(tiny_tokenizer), seed=5, max_position_embeddings=4096).save_pretrained(directory)
+    build_tiny_model(
+        "llama", len(tiny_tokenizer), seed=5, max_position_embeddings=4096
+    ).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return directory
 
 
 def test_cli_kl_consistency_positional(
-    isolated_home, tiny_model_dir, aligned_dir, test_prompts_file, tmp_path
+    isolated_home, tiny_model_dir, aligned_dir, split_prompts_file, tmp_path
 ) -> None:
     out = tmp_path / "dyn"
-    src = ["--prompts", str(test_prompts_file), "--writer", str(tiny_model_dir), "--out", str(out)]
+    src = ["--prompts", str(split_prompts_file), "--writer", str(tiny_model_dir), "--out", str(out)]
     result = runner.invoke(
-        app, ["kl", "--aligned", str(aligned_dir), "--base", str(tiny_model_dir), "--max-tokens", "8", *src]
+        app,
+        [
+            "kl",
+            "--aligned",
+            str(aligned_dir),
+            "--base",
+            str(tiny_model_dir),
+            "--max-tokens",
+            "8",
+            *src,
+        ],
     )
     assert result.exit_code == 0, result.output
     kl = json.loads((out / "kl.json").read_text())
     assert kl["n_pairs"] == 3 and len(kl["kl"]["mean"]) == 8
     assert (out / "kl.png").is_file() and (out / "kl_logprob.png").is_file()
 
-    args = ["consistency", "--model", str(aligned_dir), "--model", str(tiny_model_dir), "--ks", "0,4"]
-    result = runner.invoke(app, [*args, "--positions", "0,end", "--lengths", "2", "--continuation-tokens", "3", *src])
+    args = [
+        "consistency",
+        "--model",
+        str(aligned_dir),
+        "--model",
+        str(tiny_model_dir),
+        "--ks",
+        "0,4",
+    ]
+    result = runner.invoke(
+        app, [*args, "--positions", "0,end", "--lengths", "2", "--continuation-tokens", "3", *src]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((out / "consistency.json").read_text())
     assert set(data["models"]) == {str(aligned_dir), str(tiny_model_dir)}
@@ -104,9 +138,16 @@ def test_cli_kl_consistency_positional(
     assert (out / "consistency_prefix.png").is_file() and (out / "consistency_insert.png").is_file()
 
     record = {"step": 0, "epoch": 0, "loss": [1.0, 0.5], "grad_norm": [2.0, 1.0]}
-    payload = {"edges": [0, 1, 2], "buckets": ["[0,1)", "[1,2)"], "n_sequences": 1, "records": [record]}
+    payload = {
+        "edges": [0, 1, 2],
+        "buckets": ["[0,1)", "[1,2)"],
+        "n_sequences": 1,
+        "records": [record],
+    }
     (tmp_path / "positional.json").write_text(json.dumps(payload))
-    result = runner.invoke(app, ["positional", str(tmp_path / "positional.json"), "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["positional", str(tmp_path / "positional.json"), "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "positional_grad.png").is_file()
     assert load_model(str(aligned_dir)).model is not None

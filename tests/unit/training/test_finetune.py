@@ -20,7 +20,10 @@ runner = CliRunner()
 
 def test_clean_gsm8k_answer() -> None:
     raw = "She sold 48/2 = <<48/2=24>>24 clips.\nIn total 48+24 = <<48+24=72>>72.\n#### 72"
-    assert clean_gsm8k_answer(raw) == "She sold 48/2 = 24 clips.\nIn total 48+24 = 72.\nThe answer is 72."
+    assert (
+        clean_gsm8k_answer(raw)
+        == "She sold 48/2 = 24 clips.\nIn total 48+24 = 72.\nThe answer is 72."
+    )
 
 
 def test_sft_set_format_counts_and_no_test_prompts() -> None:
@@ -82,7 +85,9 @@ def test_align_full_finetune_end_to_end(tiny_model_dir: Path, tmp_path: Path) ->
     assert steps[0] == 0 and steps[-1] == record["global_steps"]
     first = positional["records"][0]
     assert len(first["grad_norm"]) == len(positional["buckets"]) and first["grad_norm"][0] > 0
-    assert (out / "positional_loss.png").stat().st_size > 0 and (out / "positional_grad.png").is_file()
+    assert (out / "positional_loss.png").stat().st_size > 0 and (
+        out / "positional_grad.png"
+    ).is_file()
 
 
 def test_align_lora_is_merged(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""The bench's attacks, each built from the attack harness's own case builders.
+
+A cell is a name, a case builder ``AttackContext -> list[AttackCase]`` and the cell-key
+groupings to summarise. A new attack plugs in by adding one :class:`AttackCell`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from guard import GuardConfig
+from training.attacks.direct import direct_cases
+from training.attacks.harness import AttackCase, AttackContext
+from training.attacks.insert import Position, grid_cases
+from training.attacks.prefill import prefill_cases
+from training.attacks.prompts import AttackPrompt
+from training.attacks.worst_insert import worst_insertion_cases
+from training.data import load_xstest_prompts
+from training.data.loaders import PathLike
+from training.probes.benign import benign_sets
+
+ATTACKS: tuple[str, ...] = ("direct", "prefill", "insert", "adaptive", "rwi")
+HOLDBACK = GuardConfig().holdback  # the guard's default holdback window (library and proxy)
+
+
+@dataclass(frozen=True)
+class AttackCell:
+    """One attack of the bench.
+
+    Attributes:
+        name: Attack name (``direct``, ``prefill``, ...).
+        build: Case builder on the attacked model's context.
+        group_by: Cell-key groupings summarised (``()``: all cases of the attack).
+    """
+
+    name: str
+    build: Callable[[AttackContext], list[AttackCase]]
+    group_by: tuple[tuple[str, ...], ...]
+
+
+def attack_cells(
+    attacks: Sequence[str],
+    *,
+    ks: Sequence[int],
+    positions: Sequence[Position],
+    lengths: Sequence[int],
+    refusal: str = "pool",
+    rwi_k: int = 8,
+    rwi_criterion: str = "harm_likelihood",
+) -> list[AttackCell]:
+    """The requested cells, in :data:`ATTACKS` order.
+
+    ``insert`` is the (position, span length) grid of random insertions; ``adaptive``
+    places the span right after the guard's holdback window (p = holdback), where an
+    attacker who knows the guard expects it to have released the refusal's first tokens;
+    ``rwi`` is the adaptive worst-of-``rwi_k`` random insertion, chosen by the attacked
+    model itself under ``rwi_criterion`` (spans of ``lengths``).
+
+    Raises:
+        ValueError: An unknown attack name.
+    """
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
+    grid = partial(grid_cases, lengths=lengths, refusal=refusal)
+    cells = {
+        "direct": AttackCell("direct", direct_cases, ((),)),
+        "prefill": AttackCell("prefill", partial(prefill_cases, ks=ks), (("k",),)),
+        "insert": AttackCell(
+            "insert", partial(grid, positions=positions), (("p", "m"), ("p",), ("m",), ())
+        ),
+        "adaptive": AttackCell("adaptive", partial(grid, positions=[HOLDBACK]), (("m",), ())),
+        "rwi": AttackCell(  # the one adapter to the RWI attack's case builder
+            "rwi",
+            partial(worst_insertion_cases, k=rwi_k, lengths=lengths, criterion=rwi_criterion),
+            (("k",), ("k", "depth")),
+        ),
+    }
+    return [cells[name] for name in ATTACKS if name in attacks]
+
+
+def benign_prompts(
+    limit: int | None, *, seed: int = 0, data_dir: PathLike = None
+) -> list[AttackPrompt]:
+    """The XSTest safe prompts of the benign evaluation set (60 with the default split).
+
+    They never fit or calibrate a probe (:func:`training.probes.benign.benign_sets` with its
+    defaults, which probe training uses); ``limit`` keeps a sample drawn with ``seed``.
+    """
+    safe = {p.prompt: p for p in load_xstest_prompts(data_dir) if p.label == "safe"}
+    held_out = benign_sets(data_dir=data_dir).eval_prompts
+    prompts = [
+        AttackPrompt(text, None, f"xstest:{safe[text].type}", safe[text].source_id)
+        for text in held_out
+        if text in safe
+    ]
+    if limit is not None and limit < len(prompts):
+        prompts = random.Random(seed).sample(prompts, limit)
+    return prompts
