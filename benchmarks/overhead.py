@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
@@ -53,16 +54,18 @@ def _time_hf(model, prompts: list[list[int]], max_tokens: int) -> tuple[int, flo
 
 
 def main(
-    model: str = typer.Option(DEFAULT_MODEL),
-    probe: Path | None = typer.Option(
-        None, help="Probe dir (default: the shipped probe of the default model)."
-    ),
-    rounds: int = typer.Option(4, min=1),
-    max_tokens: int = typer.Option(64, min=1),
-    batch: list[int] = typer.Option([1, 4], help="Batch sizes (repeatable)."),
-    json_out: Path | None = typer.Option(None, "--json"),
+    model: Annotated[str, typer.Option()] = DEFAULT_MODEL,
+    probe: Annotated[
+        Path | None,
+        typer.Option(help="Probe dir (default: the shipped probe of the default model)."),
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1)] = 4,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeatable).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Print tokens/s guarded vs unguarded; the last line is the batch-1 ratio."""
+    batch = batch or [1, 4]
     torch.manual_seed(0)
     lm = load_model(model)
     probe_obj = LinearProbe.load(probe or default_probe_dir())

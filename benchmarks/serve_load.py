@@ -26,6 +26,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import torch
@@ -134,24 +135,29 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def main(
-    concurrency: list[int] = typer.Option(
-        [1, 4, 16], help="Concurrent streams per level (repeatable)."
-    ),
-    requests_per_level: int = typer.Option(
-        4, min=1, help="Requests per arm and round (at least the level)."
-    ),
-    max_tokens: int = typer.Option(24, min=1),
-    rounds: int = typer.Option(2, min=1, help="Rounds per level; arms alternate ABBA."),
-    holdback: int = typer.Option(4, min=0),
-    threads: int = typer.Option(
-        1, min=1, help="torch threads; 1 avoids OpenMP stalls on a shared 2-core box."
-    ),
-    upstream: str | None = typer.Option(
-        None, help="Benchmark the vllm backend in front of this vLLM server (default: local)."
-    ),
-    json_out: Path | None = typer.Option(None, "--json"),
+    concurrency: Annotated[
+        list[int] | None, typer.Option(help="Concurrent streams per level (repeatable).")
+    ] = None,
+    requests_per_level: Annotated[
+        int, typer.Option(min=1, help="Requests per arm and round (at least the level).")
+    ] = 4,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 24,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds per level; arms alternate ABBA.")] = 2,
+    holdback: Annotated[int, typer.Option(min=0)] = 4,
+    threads: Annotated[
+        int,
+        typer.Option(min=1, help="torch threads; 1 avoids OpenMP stalls on a shared 2-core box."),
+    ] = 1,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            help="Benchmark the vllm backend in front of this vLLM server (default: local)."
+        ),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Print a table of throughput and latency; the last line is the throughput ratio."""
+    concurrency = concurrency or [1, 4, 16]
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     lm = load_model(DEFAULT_MODEL)

@@ -181,15 +181,21 @@ def _fmt(rates: list[float]) -> str:
 
 
 def main(
-    vllm_python: str = typer.Option(
-        os.environ.get("TRAJGUARD_VLLM_PYTHON", ".venv-vllm/bin/python"), help="vLLM venv's python."
+    vllm_python: Annotated[str, typer.Option(help="vLLM venv's python.")] = os.environ.get(
+        "TRAJGUARD_VLLM_PYTHON", ".venv-vllm/bin/python"
     ),
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeatable).")] = None,
-    max_tokens: int = typer.Option(32, min=2),
-    rounds: int = typer.Option(3, min=1, help="Timed rounds per batch size and block."),
-    cycles: int = typer.Option(1, min=1, help="Plugin blocks (between cycles+1 stock blocks)."),
-    proxy: bool = typer.Option(True, help="Also time the proxy's shadow and fast-path modes."),
-    proxy_rounds: int = typer.Option(1, min=1, help="Timed proxy rounds per batch and block."),
+    max_tokens: Annotated[int, typer.Option(min=2)] = 32,
+    rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per batch size and block.")] = 3,
+    cycles: Annotated[
+        int, typer.Option(min=1, help="Plugin blocks (between cycles+1 stock blocks).")
+    ] = 1,
+    proxy: Annotated[
+        bool, typer.Option(help="Also time the proxy's shadow and fast-path modes.")
+    ] = True,
+    proxy_rounds: Annotated[
+        int, typer.Option(min=1, help="Timed proxy rounds per batch and block.")
+    ] = 1,
     json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Print tokens/s per arm and batch size; the last line is the headline ratio."""

@@ -53,3 +53,24 @@ def test_perf_rejects_unknown_or_unrunnable_benchmarks(tmp_path) -> None:
         app, ["perf", "--benchmarks", "vllm_plugin"], env={"TRAJGUARD_VLLM_PYTHON": None}
     )
     assert no_venv.exit_code != 0 and "vllm-python" in no_venv.output
+
+
+@pytest.mark.parametrize("script", ["overhead", "serve_load", "vllm_overhead"])
+def test_script_mains_are_callable_from_python(script: str) -> None:
+    """``bench perf`` calls each script's ``main`` directly: every default must be a value.
+
+    A ``typer.Option(...)`` default only works on the command line; called from Python it
+    leaks an ``OptionInfo`` into the benchmark (as once happened to ``cycles``).
+    """
+    import importlib
+    import inspect
+
+    import typer.models
+
+    main = importlib.import_module(f"benchmarks.{script}").main
+    leaked = [
+        name
+        for name, p in inspect.signature(main).parameters.items()
+        if isinstance(p.default, typer.models.ParameterInfo)
+    ]
+    assert not leaked, leaked
