@@ -330,7 +330,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         The results (what ``results.json`` holds).
     """
     start = time.perf_counter()
-    model_probes(config)  # fail before any work
+    probes = model_probes(config)  # fail before any work
     out = Path(config.harness.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = attack_cells(
@@ -347,7 +347,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     thresholds: dict[str, float | None] = {}
     utility: dict[str, float] = {}
-    for model, probe in zip(config.models, model_probes(config)):
+    for model, probe in zip(config.models, probes):
         spec = ModelSpec.parse(model, default_local=DEFAULT_MODEL)
         lm = load_model(spec.local)
         if spec.url is None and config.utility_n > 0:

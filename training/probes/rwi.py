@@ -123,6 +123,18 @@ def _peaks(probe: LinearProbe, states: list[np.ndarray], monitor: MonitorConfig)
     )
 
 
+def _calibrate(
+    probe: LinearProbe,
+    calibration: list[np.ndarray],
+    evaluation: list[np.ndarray],
+    monitor: MonitorConfig,
+    target_rate: float,
+) -> float:
+    """Calibrate ``probe`` on the calibration answers; its false-trigger rate on the others."""
+    calibrate_threshold(probe, calibration, target_rate=target_rate, monitor=monitor)
+    return float((_peaks(probe, evaluation, monitor) >= probe.threshold_).mean())
+
+
 def _subsample(X: np.ndarray, y: np.ndarray, n_unsafe: int, n_safe: int, seed: int):
     rng = np.random.default_rng(seed)
     unsafe = rng.choice(np.flatnonzero(y == UNSAFE), n_unsafe, replace=False)
@@ -212,11 +224,12 @@ def run_probe_training(config: ProbeTrainingConfig) -> dict[str, Any]:
         "batch_size": config.batch_size,
         "seed": config.seed,
     }
+    train_spans = _span_choices(train_sources, pool, config.seed)
     sets: dict[str, list[Trajectory]] = {
         "rwi": insertion_trajectories(
             lm,
             train_prompts,
-            _span_choices(train_sources, pool, config.seed),
+            train_spans,
             judge,
             recipe="rwi",
             **common,
@@ -234,7 +247,7 @@ def run_probe_training(config: ProbeTrainingConfig) -> dict[str, Any]:
         sets["prefill"] = insertion_trajectories(
             lm,
             train_prompts,
-            _span_choices(train_sources, pool, config.seed),
+            train_spans,
             judge,
             recipe="prefill",
             **common,
@@ -300,24 +313,21 @@ def run_probe_training(config: ProbeTrainingConfig) -> dict[str, Any]:
     }
     n_unsafe = min(int((y == UNSAFE).sum()) for _, y in per_recipe.values())
     n_safe = min(int((y == SAFE).sum()) for _, y in per_recipe.values())
+    calibration, evaluation = states["calibration"][best], states["eval"][best]
+    Xd, yd = labelled_tokens(
+        sets["rwi_dev"] + sets["calibration"], states["rwi_dev"][best] + calibration
+    )
     ablation, probes = {}, {}
     for recipe, (X, y) in per_recipe.items():
         Xs, ys = _subsample(X, y, n_unsafe, n_safe, config.seed)
         probe = LinearProbe(best, C=config.C).fit(Xs, ys)
-        calibrate_threshold(
-            probe, states["calibration"][best], target_rate=config.target_rate, monitor=monitor
-        )
-        eval_peaks = _peaks(probe, states["eval"][best], monitor)
-        Xd, yd = labelled_tokens(
-            sets["rwi_dev"] + sets["calibration"],
-            states["rwi_dev"][best] + states["calibration"][best],
-        )
+        false_trigger_rate = _calibrate(probe, calibration, evaluation, monitor, config.target_rate)
         row: dict[str, Any] = {
             "n_unsafe_tokens": n_unsafe,
             "n_safe_tokens": n_safe,
             "threshold": probe.threshold_,
-            "benign_eval_false_trigger_rate": float((eval_peaks >= probe.threshold_).mean()),
-            "n_benign_eval": len(eval_peaks),
+            "benign_eval_false_trigger_rate": false_trigger_rate,
+            "n_benign_eval": len(evaluation),
             "dev_auroc": float(roc_auc_score(yd, probe.predict_proba(Xd)[:, 1])),
         }
         if recall_cases:
@@ -331,10 +341,7 @@ def run_probe_training(config: ProbeTrainingConfig) -> dict[str, Any]:
     # The shipped probe: RWI recipe on all its tokens (not subsampled), calibrated.
     X, y = per_recipe["rwi"]
     probe = LinearProbe(best, C=config.C).fit(X, y)
-    calibrate_threshold(
-        probe, states["calibration"][best], target_rate=config.target_rate, monitor=monitor
-    )
-    eval_peaks = _peaks(probe, states["eval"][best], monitor)
+    false_trigger_rate = _calibrate(probe, calibration, evaluation, monitor, config.target_rate)
     rwi_meta = [t.meta for t in sets["rwi"]]
     probe.metadata_["training_data"] = {
         "recipe": "random worst-insertion (RWI): worst of K insertions into a refusal + own continuation, judged",
@@ -346,7 +353,7 @@ def run_probe_training(config: ProbeTrainingConfig) -> dict[str, Any]:
         "continuations_harmful": int(sum(m["harmful"] for m in rwi_meta)),
         "continuations_recovered": int(sum(m["recovered"] for m in rwi_meta)),
         "layer_sweep": sweep,
-        "benign_eval_false_trigger_rate": float((eval_peaks >= probe.threshold_).mean()),
+        "benign_eval_false_trigger_rate": false_trigger_rate,
         "seed": config.seed,
     }
     probe = probe.bind(lm.model, model_id=lm.model_id)
