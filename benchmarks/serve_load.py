@@ -39,7 +39,7 @@ from guard.assets import default_probe_dir
 from guard.shadow import ShadowScorer
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine import LocalGuardEngine
+from server.local import LocalGuardEngine
 from server.upstream import UpstreamVLLMEngine
 
 

@@ -1,19 +1,19 @@
 """Guarded decoding: one forward per step for all live requests, a probe score per token.
 
 Each step reads like nanoGPT's ``generate``: forward the newest token of every row →
-capture the probed residual stream → score → let each request's monitor judge its token
-→ recover (policy) or sample the next token → release tokens that have cleared the
-holdback window. A released token is never retracted: recoveries only discard tokens
-that are still held back.
+capture the probed residual stream → score → hand each row's score to its
+:class:`guard.trajectory.GuardedRequest` (which judges, releases and decides recoveries)
+→ carry out a recovery on the row's KV cache, or sample the next token. The engine owns
+only batching, the KV cache, the forward pass and sampling; the guard's rules live in
+:mod:`guard.trajectory`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,96 +21,24 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from guard.arch import num_layers
 from guard.capture import HiddenStateCapture
 from guard.config import GuardConfig, SamplingParams
-from guard.detok import ReleasedText
-from guard.errors import ContextLengthError, GuardValidationError
-from guard.events import FinishReason, GenerationResult, GuardSummary, Intervention, RequestOutput
+from guard.errors import GuardValidationError
+from guard.events import GenerationResult, RequestOutput
 from guard.hooks import resolve_hook_name
 from guard.kv import BatchCache
-from guard.monitor import StepMonitor
-from guard.policies import Action, RecoveryPolicy
+from guard.monitor import resolve_threshold
 from guard.probe import LinearProbe
 from guard.sampling import GREEDY_BELOW, make_generator, sample_next
+from guard.trajectory import GuardedRequest, Recovery
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class _Sequence:
-    """Mutable decoding state of one request."""
+class _Row:
+    """A request in the engine: its guard state plus its sampling RNG."""
 
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    n_prefill: int
-    response_ids: list[int]  # assistant prefill + generated; the last one is not yet fed
-    monitor: StepMonitor | None
+    request: GuardedRequest
     generator: torch.Generator | None
-    released: int = 0  # response tokens sent to the client
-    recoveries: int = 0
-    pending_finish: FinishReason | None = None  # finish once the newest token is scored
-    banned: dict[int, set[int]] = field(default_factory=dict)  # response index -> token ids
-    interventions: list[Intervention] = field(default_factory=list)
-    detok: ReleasedText | None = None  # released text
-
-    @property
-    def guarded(self) -> bool:
-        return self.monitor is not None
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.response_ids) - self.n_prefill
-
-
-class _Outbox:
-    """Collects each request's deltas during one step, then builds RequestOutputs."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, dict] = {}
-
-    def _part(self, seq: _Sequence) -> dict:
-        return self.parts.setdefault(
-            seq.request_id, {"token_ids": [], "text": "", "scores": [], "interventions": []}
-        )
-
-    def release(
-        self, seq: _Sequence, token_ids: list[int], scores: list[float | None], text: str
-    ) -> None:
-        part = self._part(seq)
-        part["token_ids"] += token_ids
-        part["scores"] += scores
-        part["text"] += text
-
-    def intervene(self, seq: _Sequence, intervention: Intervention) -> None:
-        self._part(seq)["interventions"].append(intervention)
-
-    def finish(
-        self, seq: _Sequence, reason: FinishReason, summary: GuardSummary | None, error: str | None
-    ) -> None:
-        part = self._part(seq)
-        part.update(
-            finish_reason=reason,
-            summary=summary,
-            prompt_tokens=len(seq.prompt_ids) + seq.n_prefill,
-            completion_tokens=seq.released - seq.n_prefill,
-            error=error,
-        )
-
-    def build(self) -> list[RequestOutput]:
-        return [
-            RequestOutput(
-                request_id=rid,
-                token_ids=tuple(p["token_ids"]),
-                text=p["text"],
-                scores=tuple(p["scores"]),
-                interventions=tuple(p["interventions"]),
-                finish_reason=p.get("finish_reason"),
-                summary=p.get("summary"),
-                prompt_tokens=p.get("prompt_tokens", 0),
-                completion_tokens=p.get("completion_tokens", 0),
-                error=p.get("error"),
-            )
-            for rid, p in self.parts.items()
-        ]
 
 
 class GuardedEngine:
@@ -145,7 +73,6 @@ class GuardedEngine:
         self.tokenizer = tokenizer
         self.probe = probe
         self.config = config or GuardConfig()
-        self.policy = RecoveryPolicy.from_config(self.config.policy)
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = model.generation_config.eos_token_id
@@ -155,12 +82,13 @@ class GuardedEngine:
         if probe is not None:
             probe.check_compatible(model, strict_weights=strict_probe)
             self.hook_name = resolve_hook_name(probe.hook_name, num_layers(model))
-        self.threshold = 0.5 if probe is None or probe.threshold_ is None else probe.threshold_
-        if self.config.monitor.threshold is not None:
-            self.threshold = self.config.monitor.threshold
-        self._waiting: list[_Sequence] = []
+        self._probe_threshold = None if probe is None else probe.threshold_
+        self.threshold = resolve_threshold(
+            config=self.config.monitor.threshold, probe=self._probe_threshold
+        )
+        self._waiting: list[_Row] = []
         self._aborted: set[str] = set()
-        self._rows: list[_Sequence] = []  # row i of the batch cache
+        self._rows: list[_Row] = []  # row i of the batch cache
         self._ids: set[str] = set()
         self._batch = BatchCache()
         self._lock = threading.Lock()
@@ -191,40 +119,27 @@ class GuardedEngine:
             ContextLengthError: prompt + max_tokens exceeds the context window.
         """
         params = params or SamplingParams()
-        prompt_ids, prefill_ids = list(prompt_ids), list(prefill_ids)
-        if not prompt_ids:
-            raise GuardValidationError("prompt must contain at least one token", param="prompt")
-        vocab = int(self.model.config.vocab_size)
-        if any(not 0 <= t < vocab for t in prompt_ids + prefill_ids):
-            raise GuardValidationError(f"token ids must be in [0, {vocab})", param="prompt")
-        n_context = len(prompt_ids) + len(prefill_ids)
-        if n_context + params.max_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt ({n_context} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.max_context} tokens",
-                param="prompt" if n_context >= self.max_context else "max_tokens",
-            )
-        monitor = None
-        if guard and self.probe is not None:
-            monitor = StepMonitor(self.config.monitor, threshold=self.threshold)
-        seq = _Sequence(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            params=params,
-            n_prefill=len(prefill_ids),
-            response_ids=prefill_ids,
-            monitor=monitor,
-            generator=make_generator(params, self.device),
-            released=len(prefill_ids),
-            detok=ReleasedText(self.tokenizer, params.stop),
+        request = GuardedRequest(
+            request_id,
+            prompt_ids,
+            params,
+            tokenizer=self.tokenizer,
+            config=self.config,
+            eos_ids=self.eos_ids,
+            threshold=self._probe_threshold,
+            guarded=guard and self.probe is not None,
+            prefill_ids=prefill_ids,
+            max_context=self.max_context,
+            vocab_size=int(self.model.config.vocab_size),
         )
+        row = _Row(request, make_generator(params, self.device))
         with self._lock:
             if request_id in self._ids:
                 raise GuardValidationError(
                     f"request id {request_id!r} is already live", param="request_id"
                 )
             self._ids.add(request_id)
-            self._waiting.append(seq)
+            self._waiting.append(row)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV cache at the next step (no output is emitted)."""
@@ -247,24 +162,33 @@ class GuardedEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Admit waiting requests, decode one token for every live request, release."""
-        outbox = _Outbox()
         with self._lock:
             waiting, self._waiting = self._waiting, []
             aborted, self._aborted = self._aborted, set()
-        self._drop_aborted(aborted, waiting)
-        for seq in waiting:
-            if seq.request_id not in aborted:
-                self._admit(seq, outbox)
+        self._drop_aborted(aborted)
+        touched = [row.request for row in self._rows]
+        for row in waiting:
+            if row.request.request_id not in aborted:
+                touched.append(row.request)
+                self._admit(row)
         if self._rows:
-            self._decode(outbox)
-        return outbox.build()
+            self._decode()
+        outputs = []
+        for request in touched:
+            out = request.take_output()
+            if out is not None:
+                outputs.append(out)
+            if request.finished:
+                with self._lock:
+                    self._ids.discard(request.request_id)
+        return outputs
 
-    def _drop_aborted(self, aborted: set[str], waiting: list[_Sequence]) -> None:
+    def _drop_aborted(self, aborted: set[str]) -> None:
         if not aborted:
             return
-        rows = [i for i, seq in enumerate(self._rows) if seq.request_id in aborted]
+        rows = [i for i, row in enumerate(self._rows) if row.request.request_id in aborted]
         self._batch.remove(rows)
-        self._rows = [seq for seq in self._rows if seq.request_id not in aborted]
+        self._rows = [row for row in self._rows if row.request.request_id not in aborted]
         with self._lock:
             self._ids -= aborted
 
@@ -313,55 +237,40 @@ class GuardedEngine:
         return logits[0], None if states is None else states[0]
 
     def _scores(self, states: torch.Tensor | None) -> list[float] | None:
-        """Probe scores of ``[n, d_model]`` states; ``None`` means scoring failed."""
+        """Probe scores of ``[n, d_model]`` states; ``None`` when scoring raised.
+
+        NaN and infinite scores are passed on: the request's rules treat them as failures.
+        """
         if states is None or self.probe is None:
             return None
         try:
-            scores = self.probe.score_tensor(states).tolist()
-        except Exception:  # noqa: BLE001 - any scoring failure is handled by on_monitor_error
+            return self.probe.score_tensor(states).tolist()
+        except Exception:
             logger.exception("probe scoring failed")
             return None
-        return None if any(math.isnan(s) for s in scores) else scores
 
-    def _admit(self, seq: _Sequence, outbox: _Outbox) -> None:
+    def _admit(self, row: _Row) -> None:
         """Prefill the prompt (+ assistant prefill), judge the prefill, sample a first token."""
+        request = row.request
         cache = DynamicCache()
-        context = seq.prompt_ids + seq.response_ids
-        logits, states = self._extend(cache, context)
-        if seq.guarded and seq.n_prefill:
-            scores = self._scores(states[-seq.n_prefill :])
-            if scores is None:
-                if self._monitor_failed(seq, outbox):
-                    return
-                scores = [math.nan] * seq.n_prefill
-            action = None
-            for score in scores:
-                if not self.config.monitor_prefill or math.isnan(score):
-                    seq.monitor.record(score)
-                    continue
-                verdict = seq.monitor.observe(score)
-                if verdict.flagged and action is None:
-                    # Prefill is the client's own text: recovery starts after it.
-                    action = self.policy.decide(
-                        seq.monitor,
-                        released=seq.n_prefill,
-                        recoveries=seq.recoveries,
-                        response_ids=seq.response_ids,
-                    )
-            if action is not None:
-                logits = self._recover(seq, action, cache, outbox)
-                if logits is None:
-                    return
-        if self._sample_and_append(seq, logits, outbox):
+        logits, states = self._extend(cache, request.context_ids)
+        if request.guarded and request.n_prefill:
+            scores = self._scores(states[-request.n_prefill :])
+            recovery = request.judge_prefill(scores)
+            if recovery is not None:
+                logits = self._carry_out(request, recovery, cache)
+        if request.finished:
             return
-        self._batch.append(cache)
-        self._rows.append(seq)
+        self._sample(row, logits)
+        if not request.finished:
+            self._batch.append(cache)
+            self._rows.append(row)
 
-    def _decode(self, outbox: _Outbox) -> None:
+    def _decode(self) -> None:
         """One forward for all rows: score each row's newest token, then act or sample."""
         mask, positions = self._batch.step_inputs()
         newest = torch.tensor(
-            [[seq.response_ids[-1]] for seq in self._rows], device=self.device
+            [[row.request.response_ids[-1]] for row in self._rows], device=self.device
         )  # [batch, 1]
         logits, states = self._forward(
             newest, self._batch.cache, attention_mask=mask, position_ids=positions
@@ -369,158 +278,59 @@ class GuardedEngine:
         self._batch.commit_step(mask)
         scores = self._scores(states)  # one per row, or None
         greedy = logits.argmax(dim=-1).tolist()  # [batch]
-        leaving: dict[int, Action | None] = {}  # row -> recovery action (None: finished)
-        for row, seq in enumerate(self._rows):
-            if seq.guarded:
-                if scores is None:
-                    if self._monitor_failed(seq, outbox):
-                        leaving[row] = None
-                        continue
-                    seq.monitor.record(math.nan)  # on_monitor_error="allow": unscored
-                elif seq.monitor.observe(scores[row]).flagged:
-                    leaving[row] = self.policy.decide(
-                        seq.monitor,
-                        released=seq.released,
-                        recoveries=seq.recoveries,
-                        response_ids=seq.response_ids,
-                    )
+        leaving: dict[int, Recovery | None] = {}  # row -> recovery (None: finished)
+        for i, row in enumerate(self._rows):
+            request = row.request
+            if request.guarded:
+                recovery = request.observe(None if scores is None else scores[i])
+                if recovery is not None or request.finished:
+                    leaving[i] = recovery if not request.finished else None
                     continue
-                self._release(seq, len(seq.response_ids) - self.config.holdback, outbox)
-            if seq.pending_finish is not None:
-                self._finish(seq, seq.pending_finish, outbox)
-                leaving[row] = None
-                continue
-            banned = seq.banned.get(len(seq.response_ids))
-            if seq.params.temperature < GREEDY_BELOW and not banned:
-                finished = self._append(seq, greedy[row], outbox)
+            if request.params.temperature < GREEDY_BELOW and not request.banned_next():
+                request.append(greedy[i])
             else:
-                finished = self._sample_and_append(seq, logits[row], outbox)
-            if finished:
-                leaving[row] = None
+                self._sample(row, logits[i])
+            if request.finished:
+                leaving[i] = None
         if not leaving:
             return
         # Rows that recover continue from an edited copy of their cache.
-        recovering = {
-            row: self._batch.extract(row) for row, act in leaving.items() if act is not None
-        }
+        recovering = {i: self._batch.extract(i) for i, rec in leaving.items() if rec is not None}
         self._batch.remove(list(leaving))
-        rows, self._rows = self._rows, [seq for i, seq in enumerate(self._rows) if i not in leaving]
-        for row, cache in recovering.items():
-            seq = rows[row]
-            logits = self._recover(seq, leaving[row], cache, outbox)
-            if logits is not None and not self._sample_and_append(seq, logits, outbox):
+        rows, self._rows = self._rows, [row for i, row in enumerate(self._rows) if i not in leaving]
+        for i, cache in recovering.items():
+            row = rows[i]
+            logits = self._carry_out(row.request, leaving[i], cache)
+            if row.request.finished:
+                continue
+            self._sample(row, logits)
+            if not row.request.finished:
                 self._batch.append(cache)
-                self._rows.append(seq)
+                self._rows.append(row)
 
-    # ---- recovery ----------------------------------------------------------------------
-
-    def _recover(
-        self, seq: _Sequence, action: Action, cache: DynamicCache, outbox: _Outbox
+    def _carry_out(
+        self, request: GuardedRequest, recovery: Recovery, cache: DynamicCache
     ) -> torch.Tensor | None:
-        """Apply ``action``: edit tokens, trace and cache; next-token logits, or ``None`` if finished."""
-        trigger = len(seq.monitor.trace) - 1
-        intervention = Intervention(
-            step=trigger - seq.n_prefill,
-            score=seq.monitor.trace[-1],
-            action=action.kind,
-            kept=action.keep - seq.n_prefill,
-            discarded=len(seq.response_ids) - action.keep,
-        )
-        seq.interventions.append(intervention)
-        outbox.intervene(seq, intervention)
-        seq.monitor.rewind(len(seq.monitor.trace) - action.keep)
-        del seq.response_ids[action.keep :]
-        if action.kind == "stop":
-            self._finish(seq, "content_filter", outbox, append_text=action.append_text)
+        """Rewind ``cache`` as ``recovery`` says; next-token logits (``None``: finished)."""
+        if recovery.kind == "stop":
             return None
-        seq.recoveries += 1
-        context_len = len(seq.prompt_ids) + action.keep
-        if action.kind == "rollback":
+        context_len = len(request.prompt_ids) + recovery.keep
+        if recovery.kind == "rollback":
             cache.crop(context_len - cache.get_seq_length())
-            inject = self.tokenizer.encode(action.inject_text, add_special_tokens=False)
-            logits, states = self._extend(cache, inject)
-            scores = self._scores(states)
-            if scores is None and self._monitor_failed(seq, outbox):
-                return None
-            for score in scores or [math.nan] * len(inject):
-                seq.monitor.record(score)  # our own recovery text is not judged
-            seq.response_ids += inject
-            return logits
+            logits, states = self._extend(cache, list(recovery.inject_ids))
+            request.injected(self._scores(states))
+            return None if request.finished else logits
         # resample: re-feed the last kept context token to get its logits again
         cache.crop(context_len - 1 - cache.get_seq_length())
-        context_last = (seq.prompt_ids + seq.response_ids)[-1]
-        logits, _ = self._extend(cache, [context_last])
-        seq.banned.setdefault(action.keep, set()).add(action.ban_token)
+        logits, _ = self._extend(cache, [request.context_ids[-1]])
         return logits
 
-    def _monitor_failed(self, seq: _Sequence, outbox: _Outbox) -> bool:
-        """Apply ``on_monitor_error``; True when the request was ended (fail closed)."""
-        if self.config.on_monitor_error == "allow":
-            return False
-        self._finish(
-            seq, "error", outbox, error="guard monitor failed; request blocked (fail closed)"
+    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
+        request = row.request
+        token = sample_next(
+            logits, request.params, generator=row.generator, banned=request.banned_next()
         )
-        return True
-
-    # ---- tokens in, tokens out ---------------------------------------------------------
-
-    def _sample_and_append(self, seq: _Sequence, logits: torch.Tensor, outbox: _Outbox) -> bool:
-        banned = seq.banned.get(len(seq.response_ids))
-        token = sample_next(logits, seq.params, generator=seq.generator, banned=banned)
-        return self._append(seq, token, outbox)
-
-    def _append(self, seq: _Sequence, token: int, outbox: _Outbox) -> bool:
-        """Append a sampled token; True when the request finished right away."""
-        if token in self.eos_ids and not seq.params.ignore_eos:
-            self._finish(seq, "stop", outbox)
-            return True
-        seq.response_ids.append(token)
-        reason: FinishReason | None = None
-        if seq.detok.hits_stop(seq.response_ids[seq.n_prefill :]):
-            reason = "stop"
-        if reason is None and seq.n_generated >= seq.params.max_tokens:
-            reason = "length"
-        if not seq.guarded:
-            self._release(seq, len(seq.response_ids), outbox)
-            if reason is not None:
-                self._finish(seq, reason, outbox)
-                return True
-            return False
-        # A guarded token is released only after it is scored: finish one step later.
-        seq.pending_finish = reason
-        return False
-
-    def _release(self, seq: _Sequence, upto: int, outbox: _Outbox, *, final: bool = False) -> None:
-        """Send response tokens ``[released, upto)`` and their text to the client."""
-        if upto <= seq.released:
-            return
-        token_ids = seq.response_ids[seq.released : upto]
-        scores = seq.monitor.trace[seq.released : upto] if seq.guarded else [None] * len(token_ids)
-        delta = seq.detok.advance(seq.response_ids[seq.n_prefill : upto], final=final)
-        seq.released = upto
-        outbox.release(seq, token_ids, scores, delta)
-
-    def _finish(
-        self,
-        seq: _Sequence,
-        reason: FinishReason,
-        outbox: _Outbox,
-        *,
-        append_text: str = "",
-        error: str | None = None,
-    ) -> None:
-        if reason != "error":
-            self._release(seq, len(seq.response_ids), outbox, final=True)
-        if append_text:
-            outbox.release(seq, [], [], seq.detok.append(append_text))
-        summary = None
-        if seq.monitor is not None:
-            summary = GuardSummary.from_run(
-                seq.monitor, seq.interventions, recoveries=seq.recoveries, n_prefill=seq.n_prefill
-            )
-        outbox.finish(seq, reason, summary, error)
-        with self._lock:
-            self._ids.discard(seq.request_id)
+        request.append(token)
 
     # ---- convenience -------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ class Intervention:
         action: ``stop``, ``rollback`` or ``resample``.
         kept: response tokens kept; ``discarded`` tokens after them were never released.
         discarded: how many unreleased tokens were thrown away.
+        injected: recovery tokens the guard put into the answer right after the kept ones
+            (rollback); they are the guard's words, not the model's.
     """
 
     step: int
@@ -28,6 +30,7 @@ class Intervention:
     action: str
     kept: int
     discarded: int
+    injected: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,30 @@ class GenerationResult:
     summary: GuardSummary | None = None
     interventions: list[Intervention] = field(default_factory=list)
     error: str | None = None
+
+    def model_spans(self) -> list[tuple[int, int]]:
+        """``[start, end)`` ranges of :attr:`token_ids` the model wrote.
+
+        Everything released is the model's except the recovery tokens each rollback
+        injected (``Intervention.injected`` tokens from ``Intervention.kept`` on, unless a
+        later recovery discarded them). A stop's refusal message is text only, never
+        tokens. Judge these spans, never the guard's own words.
+        """
+        owner: list[bool] = []  # per response token: written by the model
+        for event in self.interventions:
+            owner += [True] * max(0, event.kept - len(owner))
+            del owner[event.kept :]
+            owner += [False] * event.injected
+        owner += [True] * max(0, len(self.token_ids) - len(owner))
+        del owner[len(self.token_ids) :]
+        spans, start = [], None
+        for i, mine in enumerate(owner + [False]):
+            if mine and start is None:
+                start = i
+            elif not mine and start is not None:
+                spans.append((start, i))
+                start = None
+        return spans
 
     def absorb(self, out: RequestOutput) -> None:
         """Append one delta."""

@@ -9,6 +9,7 @@ rollback, resample and holdback streaming.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from guard.arch import num_layers
 from guard.capture import HiddenStateCapture
 from guard.config import MonitorConfig
 from guard.hooks import resolve_hook_name
-from guard.monitor import StepMonitor
+from guard.monitor import StepMonitor, usable_score
 from guard.probe import LinearProbe
 
 
@@ -93,18 +94,24 @@ class GenerateGuard:
         }
 
     def _observe(self, input_ids: torch.LongTensor) -> None:
-        threshold = 0.5 if self.probe.threshold_ is None else self.probe.threshold_
         if not self.monitors:
             # First call follows the prompt's forward: nothing generated to score yet.
             batch = input_ids.shape[0]
-            self.monitors = [StepMonitor(self.config, threshold=threshold) for _ in range(batch)]
+            self.monitors = [
+                StepMonitor(self.config, threshold=self.probe.threshold_) for _ in range(batch)
+            ]
             self.flagged, self.trigger_index = [False] * batch, [None] * batch
             return
         scores = self.probe.score_tensor(self._capture.cache[self.hook_name]).tolist()  # [batch]
         for row, (monitor, score) in enumerate(zip(self.monitors, scores)):
             if self.flagged[row]:
                 continue
-            if monitor.observe(score).flagged:
+            if usable_score(score):
+                fired = monitor.observe(score).flagged
+            else:  # generate() cannot end with an error: stop the row (fail closed)
+                monitor.record(math.nan)
+                fired = True
+            if fired:
                 self.flagged[row], self.trigger_index[row] = True, len(monitor.trace) - 1
 
     def verdicts(self) -> list[GenerateVerdict]:

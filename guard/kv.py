@@ -34,6 +34,16 @@ class BatchCache:
         """Padded sequence length of the batch."""
         return 0 if self.mask is None else self.mask.shape[1]
 
+    def _state(self, op: str) -> tuple[DynamicCache, torch.Tensor]:
+        """The cache and mask, which exist exactly while the batch has rows.
+
+        Raises:
+            RuntimeError: the batch is empty (a caller bug, not a user error).
+        """
+        if self.cache is None or self.mask is None:
+            raise RuntimeError(f"BatchCache.{op}() called on an empty batch")
+        return self.cache, self.mask
+
     def append(self, row: DynamicCache) -> None:
         """Add a single-sequence, unpadded cache as the last row."""
         length = row.get_seq_length()
@@ -62,12 +72,12 @@ class BatchCache:
 
     def extract(self, row: int) -> DynamicCache:
         """Copy ``row`` out as an unpadded single-sequence cache (the batch is unchanged)."""
-        assert self.cache is not None
+        cache, _ = self._state("extract")
         start = self.slots - self.lengths[row]
         return DynamicCache(
             ddp_cache_data=[
                 (k[row : row + 1, :, start:].clone(), v[row : row + 1, :, start:].clone())
-                for k, v in _layers(self.cache)
+                for k, v in _layers(cache)
             ]
         )
 
@@ -80,20 +90,18 @@ class BatchCache:
         if not keep:
             self.cache, self.mask = None, None
             return
-        assert self.cache is not None and self.mask is not None
+        cache, mask = self._state("remove")
         start = self.slots - max(self.lengths)
-        index = torch.tensor(keep, device=self.mask.device)
+        index = torch.tensor(keep, device=mask.device)
         self.cache = DynamicCache(
-            ddp_cache_data=[
-                (k[index, :, start:], v[index, :, start:]) for k, v in _layers(self.cache)
-            ]
+            ddp_cache_data=[(k[index, :, start:], v[index, :, start:]) for k, v in _layers(cache)]
         )
-        self.mask = self.mask[index, start:]
+        self.mask = mask[index, start:]
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention mask ``[batch, slots + 1]`` and position ids ``[batch, 1]`` for one new token per row."""
-        assert self.mask is not None
-        mask = F.pad(self.mask, (0, 1), value=1)
+        _, mask = self._state("step_inputs")
+        mask = F.pad(mask, (0, 1), value=1)
         positions = torch.tensor(self.lengths, device=mask.device).unsqueeze(1)
         return mask, positions
 

@@ -178,11 +178,6 @@ def model_fingerprint(model: torch.nn.Module, *, values_per_tensor: int = 256) -
     return digest.hexdigest()[:16]
 
 
-def model_type_of(model: PreTrainedModel) -> str:
-    """The HF ``model_type`` of a loaded model (``"llama"``, ``"qwen2"``, ...)."""
-    return getattr(model.config, "model_type", type(model).__name__)
-
-
 __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",

@@ -53,17 +53,53 @@ def peak_debounced_score(scores: Iterable[float], config: MonitorConfig) -> floa
     return max((debouncer.push(float(s)) for s in scores), default=0.0)
 
 
+#: Threshold of a probe that was never calibrated (its ``predict`` uses the same).
+UNCALIBRATED_THRESHOLD = 0.5
+
+
+def resolve_threshold(
+    *, request: float | None = None, config: float | None = None, probe: float | None = None
+) -> float:
+    """The threshold in force: a request's override, else the operator's config, else the
+    probe's calibrated value, else :data:`UNCALIBRATED_THRESHOLD`.
+
+    A request override may be 0 or 1 (tests, kill switches); the others are in (0, 1).
+    """
+    for value in (request, config, probe):
+        if value is not None:
+            return float(value)
+    return UNCALIBRATED_THRESHOLD
+
+
+def usable_score(score: float | None) -> bool:
+    """Whether a probe score can be judged: ``None`` (scoring raised), NaN or ±inf cannot.
+
+    What happens to an unusable score is the operator's choice (``on_monitor_error``):
+    the request fails closed, or the token is recorded unscored.
+    """
+    return score is not None and math.isfinite(score)
+
+
 class StepMonitor:
     """Debounced trigger over one sequence's per-token scores, with a diagnostic trace.
 
     Args:
-        config: debounce rule and threshold.
-        threshold: used when ``config.threshold`` is ``None`` (the probe's calibrated value).
+        config: debounce rule and the operator's threshold override.
+        threshold: the probe's calibrated threshold (``None``: uncalibrated).
+        request_threshold: a per-request override (see :func:`resolve_threshold`).
     """
 
-    def __init__(self, config: MonitorConfig, *, threshold: float) -> None:
+    def __init__(
+        self,
+        config: MonitorConfig,
+        *,
+        threshold: float | None,
+        request_threshold: float | None = None,
+    ) -> None:
         self.config = config
-        self.threshold = config.threshold if config.threshold is not None else threshold
+        self.threshold = resolve_threshold(
+            request=request_threshold, config=config.threshold, probe=threshold
+        )
         self.trace: list[float] = []
         self._debouncer = _Debouncer(config)
 
@@ -83,17 +119,6 @@ class StepMonitor:
         if n_tokens:
             del self.trace[-n_tokens:]
         self._debouncer = _Debouncer(self.config)
-
-    def rise_start(self, floor: int, fraction: float) -> int:
-        """First index of the run of scores ≥ ``fraction * threshold`` ending at the newest.
-
-        Never earlier than ``floor`` (tokens before it are already released).
-        """
-        cut = fraction * self.threshold
-        index = len(self.trace) - 1
-        while index - 1 >= floor and self.trace[index - 1] >= cut:
-            index -= 1
-        return max(index, floor)
 
     @property
     def max_score(self) -> float:

@@ -167,8 +167,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def load(cls, directory: str | Path) -> LinearProbe:
         """Load a probe saved by :meth:`save` (never unpickles anything).
 
+        Every recorded field is checked: a probe that would silently never (or always)
+        fire is refused rather than loaded.
+
         Raises:
-            ProbeMismatchError: missing files, unknown format, or inconsistent contents.
+            ProbeMismatchError: missing files, unknown format, or invalid contents (hook,
+                d_model, non-finite weights or intercept, a threshold outside (0, 1) or
+                missing, bad training parameters or provenance fields).
         """
         directory = Path(directory)
         meta_path, weights_path = directory / _META_FILE, directory / _WEIGHTS_FILE
@@ -181,25 +186,17 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             tensors = load_file(str(weights_path))
         except (ValueError, OSError) as exc:
             raise ProbeMismatchError(f"unreadable probe in {directory}: {exc}") from exc
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ProbeMismatchError(
-                f"probe format {meta.get('format_version')!r} in {directory}; this trajguard reads {FORMAT_VERSION}"
-            )
-        coef = tensors.get("coef")
-        if coef is None or coef.ndim != 1 or coef.shape[0] != meta.get("d_model"):
-            raise ProbeMismatchError(
-                f"probe weights in {directory} do not match d_model={meta.get('d_model')}"
-            )
+        _check_artefact(directory, meta, tensors)
         params = meta.get("params", {})
         probe = cls(
             meta["hook_name"],
             **{k: params[k] for k in ("C", "class_weight", "max_iter") if k in params},
         )
-        probe.coef_ = coef.astype(np.float64)
+        probe.coef_ = tensors["coef"].astype(np.float64)
         probe.intercept_ = float(tensors["intercept"][0])
         probe.classes_ = np.array([0, 1])
         probe.n_features_in_ = int(meta["d_model"])
-        probe.threshold_ = meta.get("threshold")
+        probe.threshold_ = float(meta["threshold"])
         reserved = {
             "format_version",
             "trajguard_version",
@@ -250,6 +247,62 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 f"the live model's weights differ ({model_fingerprint(model)}). Refit the probe or pass "
                 "strict_weights=False if the difference is intended."
             )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_artefact(directory: Path, meta: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Raise :class:`ProbeMismatchError` unless ``probe.json`` and the weights are sound."""
+
+    def bad(what: str) -> ProbeMismatchError:
+        return ProbeMismatchError(f"invalid probe in {directory}: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"{_META_FILE} must hold a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ProbeMismatchError(
+            f"probe format {meta.get('format_version')!r} in {directory}; "
+            f"this trajguard reads {FORMAT_VERSION}"
+        )
+    try:
+        parse_hook_name(meta.get("hook_name"))
+    except (ConfigError, TypeError, AttributeError) as exc:
+        raise bad(f"hook_name {meta.get('hook_name')!r}: {exc}") from exc
+    d_model = meta.get("d_model")
+    if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model < 1:
+        raise bad(f"d_model must be a positive integer, got {d_model!r}")
+    coef, intercept = tensors.get("coef"), tensors.get("intercept")
+    if coef is None or coef.ndim != 1 or coef.shape[0] != d_model:
+        raise ProbeMismatchError(f"probe weights in {directory} do not match d_model={d_model}")
+    if intercept is None or intercept.shape != (1,):
+        raise bad("the intercept must be one number")
+    if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
+        raise bad("weights and intercept must be finite (no NaN or inf)")
+    threshold = meta.get("threshold")
+    if threshold is None:
+        raise bad("no calibrated threshold (calibrate_threshold before saving)")
+    if not _is_number(threshold) or not 0.0 < threshold < 1.0:
+        raise bad(f"threshold must be a number in (0, 1), got {threshold!r}")
+    params = meta.get("params", {})
+    if not isinstance(params, dict):
+        raise bad("params must be an object")
+    if "C" in params and not (_is_number(params["C"]) and params["C"] > 0):
+        raise bad(f"params.C must be a positive number, got {params['C']!r}")
+    if "max_iter" in params and not (
+        isinstance(params["max_iter"], int) and params["max_iter"] > 0
+    ):
+        raise bad(f"params.max_iter must be a positive integer, got {params['max_iter']!r}")
+    if "class_weight" in params and not (
+        params["class_weight"] in (None, "balanced") or isinstance(params["class_weight"], dict)
+    ):
+        raise bad("params.class_weight must be null, 'balanced' or an object")
+    for key in ("model_id", "model_fingerprint"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(f"{key} must be a string")
+    if "calibration" in meta and not isinstance(meta["calibration"], dict):
+        raise bad("calibration must be an object")
 
 
 def calibrate_threshold(

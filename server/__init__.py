@@ -1,7 +1,7 @@
 """trajguard's OpenAI-compatible streaming proxy.
 
 The server depends on the :class:`~server.engine.GuardEngine` interface, never on a
-concrete engine; :class:`~server.engine.LocalGuardEngine` runs the guarded decoder
+concrete engine; :class:`~server.local.LocalGuardEngine` runs the guarded decoder
 in-process. Build the ASGI app with :func:`server.app.build_app`.
 """
 

@@ -65,7 +65,10 @@ async def create_completion(request: CompletionRequest, raw_request: Request) ->
 @router.get("/v1/models")
 async def show_models(raw_request: Request) -> Response:
     engine = raw_request.app.state.engine
-    models = ModelList(data=[ModelCard(id=engine.model_name, max_model_len=engine.max_model_len)])
+    card = ModelCard(
+        id=engine.model_name, max_model_len=engine.max_model_len, trajguard=engine.fingerprint
+    )
+    models = ModelList(data=[card])
     return _respond(models, raw_request)
 
 

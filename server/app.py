@@ -18,8 +18,9 @@ from guard.errors import TrajguardError
 from guard.version import __version__
 from server.api_router import attach_router
 from server.auth import APIKeyMiddleware, resolve_api_keys
+from server.backends import build_engine
 from server.config import ServerConfig
-from server.engine import GuardEngine, build_engine
+from server.engine import GuardEngine
 from server.errors import (
     APIError,
     PayloadTooLargeError,
@@ -28,7 +29,8 @@ from server.errors import (
     send_error,
 )
 from server.metrics import MetricsMiddleware, ServerMetrics
-from server.serving import ServingChat, ServingCompletion
+from server.serving_chat import ServingChat
+from server.serving_completion import ServingCompletion
 
 logger = logging.getLogger(__name__)
 

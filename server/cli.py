@@ -14,8 +14,8 @@ from guard.errors import TrajguardError
 from guard.models import DEFAULT_MODEL
 from server.app import build_app
 from server.auth import resolve_api_keys
+from server.backends import build_engine
 from server.config import ServerConfig
-from server.engine import build_engine
 
 logger = logging.getLogger(__name__)
 

@@ -258,6 +258,21 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+class InterventionInfo(BaseModel):
+    """One recovery the guard applied (indices count completion tokens).
+
+    ``kept`` tokens were released before it; ``injected`` recovery tokens follow them
+    (the guard's words, not the model's); ``discarded`` unreleased tokens were dropped.
+    """
+
+    step: int
+    score: float
+    action: str
+    kept: int
+    discarded: int
+    injected: int = 0
+
+
 class TrajguardChoiceInfo(BaseModel):
     """The ``trajguard`` extension of a choice: what the guard saw and did."""
 
@@ -267,6 +282,7 @@ class TrajguardChoiceInfo(BaseModel):
     max_score: float | None = None
     action: str | None = None
     recoveries: int = 0
+    interventions: list[InterventionInfo] | None = Field(None, exclude_if=_omit_none)
     scores: list[float | None] | None = Field(None, exclude_if=_omit_none)
 
 
@@ -342,12 +358,30 @@ class CompletionStreamResponse(BaseModel):
     usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
 
 
+class TrajguardModelInfo(BaseModel):
+    """The ``trajguard`` extension of a model card: what decides the answers besides the
+    request, so a client can tell a retrained model or a changed guard behind the same id.
+
+    Attributes:
+        model_fingerprint: :func:`guard.models.model_fingerprint` of the served weights.
+        probe_digest: Hash of the probe's scoring state (``None``: unguarded).
+        threshold: The resolved trigger threshold (``None``: unguarded).
+        guard_config: Hash of the full :class:`guard.GuardConfig` in use.
+    """
+
+    model_fingerprint: str
+    probe_digest: str | None = None
+    threshold: float | None = None
+    guard_config: str | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "trajguard"
     max_model_len: int | None = None
+    trajguard: TrajguardModelInfo | None = Field(None, exclude_if=_omit_none)
 
 
 class ModelList(BaseModel):

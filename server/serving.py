@@ -1,9 +1,11 @@
-"""Request handling of ``/v1/chat/completions`` and ``/v1/completions``.
+"""What ``/v1/chat/completions`` and ``/v1/completions`` share (:class:`OpenAIServing`).
 
 A request with ``n`` choices (times several prompts, for completions) becomes that many
 engine requests. Their outputs are merged in arrival order into either one full
 response or one SSE stream. The engine's deltas are final: the holdback window means
 no streamed token is ever retracted, so a chunk can be sent as soon as it arrives.
+The endpoints themselves live in :mod:`server.serving_chat` and
+:mod:`server.serving_completion`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from jinja2 import TemplateError
-
-from guard.chat import EncodedPrompt, encode_chat
+from guard.chat import EncodedPrompt
 from guard.errors import ContextLengthError, GuardValidationError
 from guard.events import GuardSummary, RequestOutput
 from server.config import ServerConfig
@@ -32,29 +32,14 @@ from server.errors import (
     error_response,
 )
 from server.metrics import LatencyTracker, ServerMetrics
-from server.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatCompletionResponseChoice,
-    ChatCompletionResponseStreamChoice,
-    ChatCompletionStreamResponse,
-    ChatMessage,
-    CompletionRequest,
-    CompletionResponse,
-    CompletionResponseChoice,
-    CompletionStreamResponse,
-    DeltaMessage,
-    GenerationRequest,
-    TrajguardChoiceInfo,
-    UsageInfo,
-)
+from server.protocol import GenerationRequest, InterventionInfo, TrajguardChoiceInfo, UsageInfo
 from server.sse import DONE_FRAME, PING_FRAME, EventStream, sse_frame
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class _Choice:
+class ChoiceState:
     """One engine request: the state of one choice of the response."""
 
     index: int
@@ -97,12 +82,13 @@ class _Choice:
             max_score=s.max_score,
             action=s.action,
             recoveries=s.recoveries,
+            interventions=[InterventionInfo(**asdict(i)) for i in s.interventions],
             scores=scores,
         )
 
 
 @dataclass(eq=False)
-class _Request:
+class RequestState:
     """One HTTP generation request and its choices."""
 
     id: str
@@ -110,7 +96,7 @@ class _Request:
     return_scores: bool
     start: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
-    choices: list[_Choice] = field(default_factory=list)
+    choices: list[ChoiceState] = field(default_factory=list)
     abort_reason: str = "disconnect"
     closed: bool = False
 
@@ -174,12 +160,12 @@ class OpenAIServing:
 
     async def _submit(
         self, request: GenerationRequest, prompts: list[EncodedPrompt], guard_options: GuardOptions
-    ) -> _Request:
+    ) -> RequestState:
         """Validate every prompt, then start ``n`` engine requests per prompt."""
         if len(prompts) * request.n > self.config.max_n:
             raise GuardValidationError(f"prompts x n must be <= {self.config.max_n}", param="n")
         sizes = [self._check_prompt(p) for p in prompts]
-        req = _Request(
+        req = RequestState(
             id=f"{self.id_prefix}-{uuid.uuid4().hex}",
             n=request.n,
             return_scores=request.trajguard.return_scores,
@@ -200,7 +186,7 @@ class OpenAIServing:
                     )
                     guarded = guard_options.guard and self.engine.guarded
                     req.choices.append(
-                        _Choice(
+                        ChoiceState(
                             index,
                             rid,
                             stream,
@@ -222,8 +208,8 @@ class OpenAIServing:
     # ---- during and after generation -------------------------------------------------------
 
     async def _outputs(
-        self, req: _Request
-    ) -> AsyncGenerator[tuple[_Choice, RequestOutput] | None, None]:
+        self, req: RequestState
+    ) -> AsyncGenerator[tuple[ChoiceState, RequestOutput] | None, None]:
         """Merge the choices' outputs in arrival order; ``None`` is a keep-alive tick.
 
         Raises:
@@ -233,7 +219,7 @@ class OpenAIServing:
         queue: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
-        async def pump(choice: _Choice) -> None:
+        async def pump(choice: ChoiceState) -> None:
             finished = False
             try:
                 async for out in choice.stream:
@@ -274,7 +260,7 @@ class OpenAIServing:
             for task in list(tasks):
                 task.cancel()
 
-    async def _collect(self, req: _Request) -> None:
+    async def _collect(self, req: RequestState) -> None:
         """Run every choice to its end (non-streaming)."""
         try:
             async with aclosing(self._outputs(req)) as outputs:
@@ -289,7 +275,7 @@ class OpenAIServing:
             await self._abort(req)
         self._record(req)
 
-    async def _abort(self, req: _Request) -> None:
+    async def _abort(self, req: RequestState) -> None:
         """Abort the choices still running (frees their KV rows); once per request."""
         if req.closed:
             return
@@ -304,14 +290,14 @@ class OpenAIServing:
             if self.metrics is not None:
                 self.metrics.aborted.labels(reason=req.abort_reason).inc()
 
-    def _usage(self, req: _Request) -> UsageInfo:
+    def _usage(self, req: RequestState) -> UsageInfo:
         prompt = sum(c.prompt_tokens for c in req.choices if c.index % req.n == 0)
         completion = sum(c.completion_tokens for c in req.choices)
         return UsageInfo(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
 
-    def _record(self, req: _Request) -> None:
+    def _record(self, req: RequestState) -> None:
         for c in req.choices:
             if self.metrics is not None:
                 self.metrics.generation_tokens.inc(c.completion_tokens)
@@ -330,7 +316,7 @@ class OpenAIServing:
             sum(bool(c.summary and c.summary.triggered) for c in req.choices),
         )
 
-    def _error_frame(self, req: _Request, exc: BaseException) -> str:
+    def _error_frame(self, req: RequestState, exc: BaseException) -> str:
         status, body = error_response(exc)
         if status >= 500 and not isinstance(
             exc, (GuardFailureError, EngineDeadError, RequestTimeoutError)
@@ -342,12 +328,12 @@ class OpenAIServing:
             req.abort_reason = "error"
         return sse_frame(body)
 
-    def _event_stream(self, req: _Request, frames: AsyncGenerator[str, None]) -> EventStream:
+    def _event_stream(self, req: RequestState, frames: AsyncGenerator[str, None]) -> EventStream:
         return EventStream(frames, on_close=lambda: self._abort(req))
 
     @staticmethod
     def _chunk_info(
-        req: _Request, choice: _Choice, out: RequestOutput
+        req: RequestState, choice: ChoiceState, out: RequestOutput
     ) -> TrajguardChoiceInfo | None:
         """A chunk's ``trajguard``: its tokens' scores if asked, the guard summary at the end."""
         info = choice.info(with_scores=False) if out.finished else None
@@ -358,13 +344,13 @@ class OpenAIServing:
         return info
 
     @staticmethod
-    def _worth_sending(req: _Request, out: RequestOutput) -> bool:
+    def _worth_sending(req: RequestState, out: RequestOutput) -> bool:
         return bool(out.text or out.finished or (req.return_scores and out.scores))
 
     async def _stream_frames(
         self,
-        req: _Request,
-        chunk: Callable[[_Choice, RequestOutput], str],
+        req: RequestState,
+        chunk: Callable[[ChoiceState, RequestOutput], str],
         usage_frame: Callable[[], str] | None,
     ) -> AsyncGenerator[str, None]:
         """Frames of a stream: deltas as they come, the usage chunk, ``[DONE]``.
@@ -387,158 +373,3 @@ class OpenAIServing:
         except Exception as exc:  # noqa: BLE001 - every failure becomes one error frame
             yield self._error_frame(req, exc)
         yield DONE_FRAME
-
-
-class ServingChat(OpenAIServing):
-    """``POST /v1/chat/completions``."""
-
-    id_prefix = "chatcmpl"
-
-    def _encode(self, request: ChatCompletionRequest) -> EncodedPrompt:
-        try:
-            return encode_chat(self.engine.tokenizer, request.chat_messages())
-        except GuardValidationError:
-            raise
-        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
-            raise GuardValidationError(
-                f"the chat template rejected the messages: {str(exc)[:200]}", param="messages"
-            ) from exc
-
-    async def create_chat_completion(
-        self, request: ChatCompletionRequest
-    ) -> ChatCompletionResponse | EventStream:
-        """A full response, or an :class:`EventStream` of ``chat.completion.chunk`` frames.
-
-        Raises:
-            APIError, GuardValidationError: mapped to HTTP errors by the app.
-        """
-        guard_options = await self._check(request)
-        req = await self._submit(request, [self._encode(request)], guard_options)
-        if request.stream:
-            return self._event_stream(req, self._chat_frames(req, request.include_usage))
-        await self._collect(req)
-        choices = [
-            ChatCompletionResponseChoice(
-                index=c.index,
-                message=ChatMessage(content="".join(c.text)),
-                finish_reason=c.finish_reason,
-                trajguard=c.info(with_scores=req.return_scores),
-            )
-            for c in req.choices
-        ]
-        return ChatCompletionResponse(
-            id=req.id,
-            created=req.created,
-            model=self.engine.model_name,
-            choices=choices,
-            usage=self._usage(req),
-        )
-
-    def _chat_frames(self, req: _Request, include_usage: bool) -> AsyncGenerator[str, None]:
-        model = self.engine.model_name
-
-        def frame(
-            choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None
-        ) -> str:
-            return sse_frame(
-                ChatCompletionStreamResponse(
-                    id=req.id, created=req.created, model=model, choices=choices, usage=usage
-                )
-            )
-
-        def chunk(choice: _Choice, out: RequestOutput) -> str:
-            delta = DeltaMessage(content=out.text or None)
-            return frame(
-                [
-                    ChatCompletionResponseStreamChoice(
-                        index=choice.index,
-                        delta=delta,
-                        finish_reason=out.finish_reason,
-                        trajguard=self._chunk_info(req, choice, out),
-                    )
-                ]
-            )
-
-        async def frames() -> AsyncGenerator[str, None]:
-            for c in req.choices:  # the role comes first, as in OpenAI's streams
-                yield frame(
-                    [
-                        ChatCompletionResponseStreamChoice(
-                            index=c.index, delta=DeltaMessage(role="assistant", content="")
-                        )
-                    ]
-                )
-            usage = (lambda: frame([], self._usage(req))) if include_usage else None
-            async with aclosing(self._stream_frames(req, chunk, usage)) as rest:
-                async for f in rest:
-                    yield f
-
-        return frames()
-
-
-class ServingCompletion(OpenAIServing):
-    """``POST /v1/completions`` (a prompt list gives ``n`` choices per prompt)."""
-
-    id_prefix = "cmpl"
-
-    def _encode(self, prompt: str | list[int]) -> EncodedPrompt:
-        if isinstance(prompt, str):
-            return EncodedPrompt(list(self.engine.tokenizer(prompt)["input_ids"]), [])
-        return EncodedPrompt(list(prompt), [])
-
-    async def create_completion(
-        self, request: CompletionRequest
-    ) -> CompletionResponse | EventStream:
-        """A full response, or an :class:`EventStream` of ``text_completion`` frames.
-
-        Raises:
-            APIError, GuardValidationError: mapped to HTTP errors by the app.
-        """
-        guard_options = await self._check(request)
-        req = await self._submit(
-            request, [self._encode(p) for p in request.prompts()], guard_options
-        )
-        if request.stream:
-            return self._event_stream(req, self._completion_frames(req, request.include_usage))
-        await self._collect(req)
-        choices = [
-            CompletionResponseChoice(
-                index=c.index,
-                text="".join(c.text),
-                finish_reason=c.finish_reason,
-                trajguard=c.info(with_scores=req.return_scores),
-            )
-            for c in req.choices
-        ]
-        return CompletionResponse(
-            id=req.id,
-            created=req.created,
-            model=self.engine.model_name,
-            choices=choices,
-            usage=self._usage(req),
-        )
-
-    def _completion_frames(self, req: _Request, include_usage: bool) -> AsyncGenerator[str, None]:
-        model = self.engine.model_name
-
-        def frame(choices: list[CompletionResponseChoice], usage: UsageInfo | None = None) -> str:
-            return sse_frame(
-                CompletionStreamResponse(
-                    id=req.id, created=req.created, model=model, choices=choices, usage=usage
-                )
-            )
-
-        def chunk(choice: _Choice, out: RequestOutput) -> str:
-            return frame(
-                [
-                    CompletionResponseChoice(
-                        index=choice.index,
-                        text=out.text,
-                        finish_reason=out.finish_reason,
-                        trajguard=self._chunk_info(req, choice, out),
-                    )
-                ]
-            )
-
-        usage = (lambda: frame([], self._usage(req))) if include_usage else None
-        return self._stream_frames(req, chunk, usage)

@@ -22,12 +22,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmarks.bench.cache import SampleCache, digest
+from benchmarks.bench.cache import SampleCache, digest, tokenizer_digest
 from benchmarks.bench.cells import ATTACKS, AttackCell, attack_cells, benign_prompts
 from benchmarks.bench.machine import describe_machine
 from benchmarks.bench.report import render_report
 from benchmarks.bench.targets import EndpointTarget, LocalTarget, ModelSpec, Target
 from guard import DEFAULT_MODEL, GenerationResult, LoadedModel, SamplingParams, load_model
+from guard.models import model_fingerprint
 from training.attacks.benign import reference_loglik
 from training.attacks.direct import direct_cases
 from training.attacks.harness import (
@@ -38,10 +39,12 @@ from training.attacks.harness import (
     case_records,
     summarize,
 )
-from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, Position
+from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS
 from training.attacks.judging import load_or_fit_judge
 from training.attacks.prefill import DEFAULT_KS
-from training.attacks.stats import Rate
+from training.common.insertion import Position
+from training.common.prompts import load_attack_prompts
+from training.common.stats import Rate
 from training.judge import HarmScorer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ UNDEFENDED = "none"
 RESULTS_FILE = "results.json"
 RECORDS_FILE = "records.jsonl"
 CACHE_FILE = "cache.jsonl"
+KEY_VERSION = 2  # what a target hash covers (1: model path, URL and probe.json only)
 N_EXAMPLES = 6
 
 
@@ -137,26 +141,43 @@ def model_probes(config: BenchConfig) -> list[str | None]:
 def _targets(
     spec: ModelSpec, lm: LoadedModel, probe: str | None, config: BenchConfig
 ) -> list[Target]:
-    """The endpoint as served, or the local model undefended and (with a probe) guarded."""
+    """The endpoint as served, or the local model undefended and (with a probe) guarded.
+
+    A local model's weight fingerprint is computed here, once for both its targets.
+    """
     h = config.harness
     if spec.url is not None:
         return [
             EndpointTarget(spec.url, lm.tokenizer, concurrency=h.batch_size, api_key=config.api_key)
         ]
-    plain = LocalTarget(build_engine(lm, None), UNDEFENDED, batch_size=h.batch_size)
+    fingerprint = model_fingerprint(lm.model)
+    plain = LocalTarget(
+        build_engine(lm, None), UNDEFENDED, batch_size=h.batch_size, fingerprint=fingerprint
+    )
     if probe is None:
         return [plain]
     engine = build_engine(lm, probe, h.policy, strict_probe=h.strict_probe)
-    return [plain, LocalTarget(engine, f"guard:{h.policy}", batch_size=h.batch_size)]
+    guarded = LocalTarget(
+        engine,
+        f"guard:{h.policy}",
+        batch_size=h.batch_size,
+        fingerprint=fingerprint,
+        probe_dir=probe,
+    )
+    return [plain, guarded]
 
 
-def _target_hash(spec: ModelSpec, target: Target, probe: str | None, config: BenchConfig) -> str:
-    """Everything besides the case itself that decides a generation."""
-    h, guard = config.harness, None
-    if probe is not None and target.defence != UNDEFENDED and spec.url is None:
-        probe_json = (Path(probe) / "probe.json").read_text(encoding="utf-8")
-        guard = [probe, probe_json, h.policy]
-    return digest([spec.local, spec.url, target.defence, guard, h.max_tokens, h.temperature])
+def _target_hash(target: Target, tokenizer: str, config: BenchConfig) -> str:
+    """Everything besides the case itself that decides a generation.
+
+    The target's identity (weights, resolved guard config and probe; an endpoint's served
+    id and reported fingerprint), the tokenizer that builds the requests, and every
+    sampling setting but the per-sample seed.
+    """
+    h = config.harness
+    sampling = asdict(SamplingParams(max_tokens=h.max_tokens, temperature=h.temperature))
+    del sampling["seed"]  # follows the sample (see _generate)
+    return digest([KEY_VERSION, target.defence, target.identity, tokenizer, sampling])
 
 
 def _sample_keys(ctx: AttackContext, cases: Sequence[AttackCase], seed: int) -> list[str]:
@@ -342,10 +363,15 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         rwi_k=config.rwi_k,
         rwi_criterion=config.rwi_criterion,
     )
-    judge = load_or_fit_judge(config.harness.judge, data_dir=config.harness.data_dir)
+    judge = load_or_fit_judge(
+        config.harness.judge,
+        data_dir=config.harness.data_dir,
+        exclude_prompts=_evaluated_prompts(config.harness),
+    )
     cache, run_id, counts = SampleCache(out / CACHE_FILE), uuid.uuid4().hex[:12], _Counts()
     records: list[dict[str, Any]] = []
     thresholds: dict[str, float | None] = {}
+    identities: dict[str, dict[str, Any]] = {}
     utility: dict[str, float] = {}
     for model, probe in zip(config.models, probes):
         spec = ModelSpec.parse(model, default_local=DEFAULT_MODEL)
@@ -353,12 +379,14 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         if spec.url is None and config.utility_n > 0:
             utility[spec.label] = reference_loglik(lm, config.utility_n, config.harness.data_dir)
         targets = _targets(spec, lm, probe, config)
-        for target in targets:
+        tokenizer = tokenizer_digest(lm.tokenizer)
+        prefixes = [_target_hash(target, tokenizer, config) for target in targets]
+        for target, prefix in zip(targets, prefixes):
             thresholds[f"{spec.label}|{target.defence}"] = target.threshold
+            identities[f"{spec.label}|{target.defence}"] = {"key": prefix, **target.identity}
         for seed in config.seeds:
             jobs = _jobs(config, lm, cells, seed)  # the same cases for every defence
-            for target in targets:
-                prefix = _target_hash(spec, target, probe, config)
+            for target, prefix in zip(targets, prefixes):
                 desc = f"{spec.label} {target.defence} seed={seed}"
                 for job in tqdm(jobs, desc=desc, disable=not progress):
                     outputs = _generate(
@@ -379,6 +407,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             "cached": counts.cached,
         },
         "thresholds": thresholds,
+        "targets": identities,
         **aggregate(records, cells, utility),
         "examples": _examples(records, thresholds),
     }
@@ -389,6 +418,14 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         len(records), counts.generated, counts.cached, results["run"]["wall_time_s"], out,
     )  # fmt: skip
     return results
+
+
+def _evaluated_prompts(h: AttackConfig) -> list[str]:
+    """Every harmful prompt the run may attack (any seed): the judge never trains on them."""
+    prompts = load_attack_prompts(
+        prompts_file=h.prompts_file, split=h.split, limit=None, seed=h.seed, data_dir=h.data_dir
+    )
+    return [p.prompt for p in prompts]
 
 
 def _records(

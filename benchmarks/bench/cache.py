@@ -1,8 +1,18 @@
-"""Resumable sample cache: one JSONL line per generated sample, keyed by config hash + sample.
+"""Resumable sample cache: one JSONL line per generated sample, keyed by target hash + sample.
 
-Only generations are cached; judging is cheap and reruns on every aggregation, so a new
-judge never needs new generations. A line is appended as soon as its chunk of samples is
-generated, so an interrupted run loses at most one chunk.
+A key is ``<target>:<sample>``. The target part hashes everything besides the case that
+decides a generation (see :func:`benchmarks.bench.attacks._target_hash`): the weights
+(:func:`guard.models.model_fingerprint`, not the path, so a model retrained in place
+generates again), the tokenizer, the sampling settings and, for a guarded model, the
+full resolved :class:`~guard.GuardConfig`, its threshold and the probe files' digest; for
+an endpoint, its URL, the served model id and the fingerprint it reports (a trajguard
+proxy reports one; any other endpoint is known by its id alone). The sample part hashes
+the prompt, cell, prefill and seed.
+
+Only generations are cached; verdicts are not: judging is cheap and reruns on every
+aggregation, so a new judge never needs new generations and the judge is no part of a
+key. A line is appended as soon as its chunk of samples is generated, so an interrupted
+run loses at most one chunk.
 """
 
 from __future__ import annotations
@@ -23,6 +33,33 @@ def digest(payload: Any, n: int = 16) -> str:
     """Short stable hash of a JSON-able value."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def files_digest(*paths: Path, n: int = 16) -> str:
+    """Short hash of the named files' names and bytes (a missing file hashes as absent)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\x00")
+        h.update(path.read_bytes() if path.is_file() else b"\x00<absent>")
+        h.update(b"\x01")
+    return h.hexdigest()[:n]
+
+
+def probe_digest(directory: str | Path) -> str:
+    """Hash of what :meth:`guard.LinearProbe.load` reads: ``probe.json`` and the weights."""
+    directory = Path(directory)
+    return files_digest(directory / "probe.json", directory / "probe.safetensors")
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Hash of a tokenizer's vocabulary, special tokens and chat template."""
+    return digest(
+        [
+            sorted(tokenizer.get_vocab().items()),
+            tokenizer.special_tokens_map,
+            getattr(tokenizer, "chat_template", None),
+        ]
+    )
 
 
 def result_to_json(result: GenerationResult) -> dict[str, Any]:

@@ -14,13 +14,14 @@ from functools import partial
 from guard import GuardConfig
 from training.attacks.direct import direct_cases
 from training.attacks.harness import AttackCase, AttackContext
-from training.attacks.insert import Position, grid_cases
+from training.attacks.insert import grid_cases
 from training.attacks.prefill import prefill_cases
-from training.attacks.prompts import AttackPrompt
 from training.attacks.worst_insert import worst_insertion_cases
+from training.common.benign import benign_sets
+from training.common.insertion import Position
+from training.common.prompts import AttackPrompt
 from training.data import load_xstest_prompts
 from training.data.loaders import PathLike
-from training.probes.benign import benign_sets
 
 ATTACKS: tuple[str, ...] = ("direct", "prefill", "insert", "adaptive", "rwi")
 HOLDBACK = GuardConfig().holdback  # the guard's default holdback window (library and proxy)
@@ -87,7 +88,7 @@ def benign_prompts(
 ) -> list[AttackPrompt]:
     """The XSTest safe prompts of the benign evaluation set (60 with the default split).
 
-    They never fit or calibrate a probe (:func:`training.probes.benign.benign_sets` with its
+    They never fit or calibrate a probe (:func:`training.common.benign.benign_sets` with its
     defaults, which probe training uses); ``limit`` keeps a sample drawn with ``seed``.
     """
     safe = {p.prompt: p for p in load_xstest_prompts(data_dir) if p.label == "safe"}

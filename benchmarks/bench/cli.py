@@ -29,14 +29,10 @@ from training.attacks.cli import (
     _config,
     _ints,
 )
-from training.attacks.insert import (
-    DEFAULT_LENGTHS,
-    DEFAULT_POSITIONS,
-    REFUSAL_SOURCES,
-    parse_positions,
-)
+from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, REFUSAL_SOURCES
 from training.attacks.prefill import DEFAULT_KS
-from training.rwi.worst import CRITERIA
+from training.common.insertion import parse_positions
+from training.common.worst import CRITERIA
 
 app = typer.Typer(no_args_is_help=True, help="Offline attack benchmark and performance suite.")
 

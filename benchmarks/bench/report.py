@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.attacks.insert import END
-from training.dynamics.plots import Curve, plot_curves
+from training.common.insertion import END
+from training.common.plots import Curve, plot_curves
 
 logger = logging.getLogger(__name__)
 

@@ -12,14 +12,23 @@ re-encoded, and ``kept`` is exact for ``stop`` (all scored tokens) and estimated
 recovery (the tokens before the recovery text, at most the trigger index). The proxy
 treats the whole token-id prompt, prefill included, as prompt: it scores only the tokens
 it generates.
+
+Each target has an ``identity``: what, besides the request, decides its answers (the
+sample cache keys on it). A local target's is its weight fingerprint and, guarded, its
+full resolved guard config, threshold and probe digest; an endpoint's is its URL, the
+model id it serves and the ``trajguard`` fingerprint of its ``/v1/models`` card (weights,
+probe, threshold, guard config), which only a trajguard proxy over an in-process model
+reports. Without one, a model retrained behind the same id cannot be told apart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -27,9 +36,11 @@ import httpx
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from benchmarks.bench.cache import probe_digest
 from guard import GenerationResult, GuardedEngine, GuardSummary, Intervention, SamplingParams
 from guard.config import PolicyConfig
-from training.attacks.generation import generate_requests
+from guard.models import model_fingerprint
+from training.common.generation import generate_requests
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +52,7 @@ class Target(Protocol):
 
     defence: str
     threshold: float | None
+    identity: dict[str, Any]
 
     def generate(
         self,
@@ -85,13 +97,42 @@ class ModelSpec:
 
 
 class LocalTarget:
-    """An in-process :class:`~guard.GuardedEngine` (guarded when it has a probe)."""
+    """An in-process :class:`~guard.GuardedEngine` (guarded when it has a probe).
 
-    def __init__(self, engine: GuardedEngine, defence: str, *, batch_size: int) -> None:
+    Args:
+        engine: The decoder.
+        defence: Its name in the results (``none``, ``guard:rollback``, ...).
+        batch_size: Requests in the engine at once.
+        fingerprint: The model's :func:`~guard.models.model_fingerprint` (computed here
+            when not given: pass it to compute it once per model).
+        probe_dir: Directory the engine's probe was loaded from; its files' digest is
+            part of the identity (without it, the loaded probe's own state is hashed).
+    """
+
+    def __init__(
+        self,
+        engine: GuardedEngine,
+        defence: str,
+        *,
+        batch_size: int,
+        fingerprint: str | None = None,
+        probe_dir: str | Path | None = None,
+    ) -> None:
         self.engine = engine
         self.defence = defence
         self.batch_size = batch_size
         self.threshold = engine.threshold if engine.probe is not None else None
+        guard = None
+        if engine.probe is not None:
+            guard = {
+                "config": asdict(engine.config),
+                "threshold": engine.threshold,
+                "probe": probe_digest(probe_dir) if probe_dir else _probe_state(engine.probe),
+            }
+        self.identity: dict[str, Any] = {
+            "model_fingerprint": fingerprint or model_fingerprint(engine.model),
+            "guard": guard,
+        }
 
     def generate(self, requests, params, *, desc, progress):
         return generate_requests(
@@ -123,7 +164,21 @@ class EndpointTarget:
         card = models.json()["data"][0]
         self.model_id: str = card["id"]
         self.trajguard = card.get("owned_by") == "trajguard"
+        reported = card.get("trajguard")  # a trajguard proxy's fingerprint, if it has one
+        self.identity: dict[str, Any] = {
+            "url": url,
+            "model_id": self.model_id,
+            "reported": reported,
+        }
         logger.info("endpoint %s serves %r (trajguard=%s)", url, self.model_id, self.trajguard)
+        if not reported:
+            logger.warning(
+                "endpoint %s reports no weight fingerprint: its cached samples are keyed by "
+                "the model id %r alone, so a model retrained or re-guarded behind the same id "
+                "cannot be detected (delete the bench's cache.jsonl to regenerate)",
+                url,
+                self.model_id,
+            )
 
     def close(self) -> None:
         """Close the HTTP client."""
@@ -163,6 +218,13 @@ class EndpointTarget:
             return [f.result() for f in futures]
 
 
+def _probe_state(probe: Any) -> str:
+    """Digest of a loaded probe's scoring state (hook, weights, bias, threshold)."""
+    h = hashlib.sha256(f"{probe.hook_name}|{probe.intercept_!r}|{probe.threshold_!r}".encode())
+    h.update(probe.coef_.tobytes())
+    return h.hexdigest()[:16]
+
+
 def _kept_tokens(text: str, info: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> int:
     """Tokens released before the proxy's first recovery (the proxy's default policy texts).
 
@@ -186,9 +248,10 @@ def completion_result(
 
     Token ids are the server's (vLLM ``return_token_ids``). The proxy sends none, only one
     score per released token: its ids are the text re-encoded, cut or padded to that exact
-    count, so only their number is meaningful. A triggered proxy choice gets one
-    :class:`~guard.Intervention` whose ``kept`` is read off the answer (``discarded`` is
-    unknown and left 0).
+    count, so only their number is meaningful. Interventions come from the proxy's
+    ``trajguard.interventions``; a server that reports only ``triggered`` gets one
+    :class:`~guard.Intervention` whose ``kept`` is read off the answer (``discarded`` and
+    ``injected`` unknown, left 0).
     """
     text = choice.get("text") or ""
     info = choice.get("trajguard") or {}
@@ -201,7 +264,9 @@ def completion_result(
             token_ids = (token_ids + [pad] * len(scores))[: len(scores)]
     summary, interventions = None, []
     if info.get("guarded"):
-        if info.get("triggered"):
+        if info.get("interventions") is not None:  # our proxy reports them exactly
+            interventions = [Intervention(**i) for i in info["interventions"]]
+        elif info.get("triggered"):
             kept = _kept_tokens(text, info, tokenizer)
             interventions = [
                 Intervention(

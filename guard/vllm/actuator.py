@@ -26,6 +26,7 @@ from vllm.config import VllmConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from guard.monitor import resolve_threshold
 from guard.probe import LinearProbe
 from guard.version import __version__
 from guard.vllm._step import STEP_SCORES
@@ -88,7 +89,10 @@ class TrajguardLogitsProcessor(LogitsProcessor):
         from vllm.tokenizers.registry import cached_tokenizer_from_config
 
         probe = LinearProbe.load(self.settings.probe)
-        self.threshold = probe.threshold_ if probe.threshold_ is not None else 0.5
+        self.probe_threshold = probe.threshold_
+        self.threshold = resolve_threshold(
+            config=self.settings.monitor.threshold, probe=probe.threshold_
+        )
         tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         policy = self.settings.policy
         self.recovery_ids = tokenizer.encode(policy.recovery_text, add_special_tokens=False)
@@ -122,10 +126,11 @@ class TrajguardLogitsProcessor(LogitsProcessor):
             output_ids,
             monitor=self.settings.monitor,
             policy=self.settings.policy,
-            threshold=self.threshold,
+            threshold=self.probe_threshold,
             recovery_ids=self.recovery_ids,
             refusal_ids=self.refusal_ids,
             eos_id=self.eos_id,
+            on_monitor_error=self.settings.on_monitor_error,
         )
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from guard.config import MonitorConfig, PolicyConfig
-from guard.monitor import StepMonitor
+from guard.monitor import StepMonitor, usable_score
+from guard.policies import RecoveryPolicy, Trigger
 from guard.vllm.settings import RequestOptions
 
 #: Index of events that score the last prompt token (no output token yet).
@@ -78,12 +80,15 @@ class RequestGuard:
     Args:
         options: the request's parsed ``vllm_xargs``.
         output_ids: vLLM's live list of the request's output tokens (read, never written).
-        monitor: debounce rule (its ``threshold`` overrides ``threshold``).
+        monitor: debounce rule and the operator's threshold override.
         policy: in-engine policy and texts.
-        threshold: the probe's calibrated threshold.
+        threshold: the probe's calibrated threshold (a request's ``trajguard_threshold``
+            and ``monitor.threshold`` come first: :func:`guard.monitor.resolve_threshold`).
         recovery_ids: tokens of ``policy.recovery_text``.
         refusal_ids: tokens of ``policy.refusal_message``.
         eos_id: token that ends the request after a stop.
+        on_monitor_error: ``block`` stops the request on an unusable (NaN, infinite,
+            missing) score, as every backend does; ``allow`` records it unscored.
     """
 
     def __init__(
@@ -97,16 +102,16 @@ class RequestGuard:
         recovery_ids: Sequence[int],
         refusal_ids: Sequence[int],
         eos_id: int,
+        on_monitor_error: Literal["block", "allow"] = "block",
     ) -> None:
         self.options = options
         self.output_ids = output_ids
-        if options.threshold is not None:
-            threshold = options.threshold  # may be 0 or 1 (tests, kill switches)
-        elif monitor.threshold is not None:
-            threshold = monitor.threshold
-        self.monitor = StepMonitor(replace(monitor, threshold=None), threshold=threshold)
-        self.policy = policy
+        self.monitor = StepMonitor(
+            monitor, threshold=threshold, request_threshold=options.threshold
+        )
         self.kind = options.policy or policy.kind
+        self.policy = RecoveryPolicy.from_config(replace(policy, kind=self.kind))
+        self.on_monitor_error = on_monitor_error
         self._recovery = tuple(recovery_ids)
         self._stop = (*refusal_ids, eos_id)
         self.recoveries = 0
@@ -144,6 +149,13 @@ class RequestGuard:
             if plan is not None and not plan.judged:
                 self.monitor.record(score)  # our own recovery text is not judged
                 events.append(GuardEvent(key, index, score))
+            elif not usable_score(score):
+                self.monitor.record(math.nan)
+                action = None
+                if self.on_monitor_error == "block" and self.acting and not self.stopped:
+                    self.abort()  # fail closed
+                    action = "stop"
+                events.append(GuardEvent(key, index, math.nan, action=action))
             else:
                 verdict = self.monitor.observe(score)
                 action = None
@@ -153,10 +165,22 @@ class RequestGuard:
         return events, self._forced(n)
 
     def _trigger(self, n: int) -> str:
-        """Plan the recovery from output index ``n`` (replacing any unfinished prefix)."""
+        """Plan the recovery from output index ``n`` (replacing any unfinished prefix).
+
+        The policy decides as everywhere else; every token is already out of the engine,
+        so the recovery starts at the next one.
+        """
+        trigger = Trigger(
+            scores=tuple(self.monitor.trace),
+            threshold=self.monitor.threshold,
+            released=len(self.monitor.trace),
+            recoveries=self.recoveries,
+            response_ids=tuple(self.output_ids),
+        )
+        action = self.policy.decide(trigger)
         self._plans = [p for p in self._plans if p.end <= n]
         self.monitor.rewind(0)  # restart the debounce window after a recovery
-        if self.kind == "rollback" and self.recoveries < self.policy.max_recoveries:
+        if action.kind == "rollback":
             self.recoveries += 1
             self._plans.append(_Plan(n, self._recovery, judged=False))
             return "rollback"

@@ -19,6 +19,8 @@ Environment:
 ``TRAJGUARD_RECOVERY_TEXT``    text forced by ``rollback``
 ``TRAJGUARD_REFUSAL_MESSAGE``  text forced by ``stop`` before EOS
 ``TRAJGUARD_MAX_RECOVERIES``   rollbacks before a trigger stops the request
+``TRAJGUARD_ON_MONITOR_ERROR`` ``block`` (default): a NaN/infinite/missing score stops the
+                               request (fail closed); ``allow``: recorded unscored
 =============================  =========================================================
 """
 
@@ -83,6 +85,7 @@ class PluginSettings:
         guard_all: guard requests that do not say otherwise.
         monitor: debounce and threshold override.
         policy: ``kind`` (``stop``/``rollback``), texts and ``max_recoveries``.
+        on_monitor_error: ``block`` (fail closed) or ``allow`` (as ``GuardConfig``).
     """
 
     probe: Path | None = None
@@ -90,10 +93,13 @@ class PluginSettings:
     guard_all: bool = False
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    on_monitor_error: Literal["block", "allow"] = "block"
 
     def __post_init__(self) -> None:
         if self.policy.kind not in ("stop", "rollback"):
             raise ConfigError("the in-engine guard supports the stop and rollback policies")
+        if self.on_monitor_error not in ("block", "allow"):
+            raise ConfigError("TRAJGUARD_ON_MONITOR_ERROR must be 'block' or 'allow'")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PluginSettings:
@@ -125,6 +131,7 @@ class PluginSettings:
             guard_all=_flag(env.get("TRAJGUARD_GUARD_ALL", "0")),
             monitor=monitor,
             policy=policy,
+            on_monitor_error=env.get("TRAJGUARD_ON_MONITOR_ERROR", "block").strip().lower(),
         )
 
 

@@ -1,6 +1,6 @@
 """Benign side of an attack run: over-refusal, guard false triggers and a utility figure.
 
-Prompts are the held-out evaluation half of :func:`training.probes.benign.benign_sets`
+Prompts are the held-out evaluation half of :func:`training.common.benign.benign_sets`
 (XSTest safe prompts and GSM8K test questions), never used to fit or calibrate a probe.
 Utility is the mean per-token log-likelihood of GSM8K test reference answers (higher is
 better; compare against the base model).
@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 
 from guard import SamplingParams, encode_chat, load_model
-from training.attacks.generation import generate_requests
 from training.attacks.harness import AttackConfig, build_engine
-from training.attacks.stats import Rate
+from training.common.benign import benign_sets, clean_gsm8k_answer
+from training.common.generation import generate_requests
+from training.common.stats import Rate
+from training.common.worst import mean_target_logprobs
 from training.data import load_gsm8k, load_xstest_prompts
-from training.finetune.sft_data import clean_gsm8k_answer
 from training.judge import is_refusal
-from training.probes.benign import benign_sets
-from training.rwi.worst import mean_target_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -15,17 +15,12 @@ from guard import DEFAULT_MODEL
 from training.attacks.benign import run_benign
 from training.attacks.direct import run_direct
 from training.attacks.harness import AttackConfig, AttackReport
-from training.attacks.insert import (
-    DEFAULT_LENGTHS,
-    DEFAULT_POSITIONS,
-    REFUSAL_SOURCES,
-    parse_positions,
-    run_insert,
-)
+from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, REFUSAL_SOURCES, run_insert
 from training.attacks.prefill import DEFAULT_KS, run_prefill
 from training.attacks.worst_insert import run_worst_insert
-from training.rwi.candidates import DEFAULT_SPAN_LENGTHS
-from training.rwi.worst import CRITERIA
+from training.common.candidates import DEFAULT_SPAN_LENGTHS
+from training.common.insertion import parse_positions
+from training.common.worst import CRITERIA
 
 app = typer.Typer(
     no_args_is_help=True, help="Attack a model (optionally guarded) and judge the outputs."

@@ -14,7 +14,7 @@ from training.attacks.harness import (
     CellSummary,
     run_attack,
 )
-from training.dynamics.plots import Curve, plot_curves
+from training.common.plots import Curve, plot_curves
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20, 40)
 

@@ -20,9 +20,9 @@ from training.attacks.harness import (
     plot_rates,
     run_attack,
 )
-from training.attacks.insert import pool_refusals
-from training.rwi.candidates import DEFAULT_SPAN_LENGTHS, sample_insertions
-from training.rwi.worst import insertion_scores, worst_index
+from training.common.candidates import DEFAULT_SPAN_LENGTHS, sample_insertions
+from training.common.insertion import pool_refusals
+from training.common.worst import insertion_scores, worst_index
 
 RECOVERY_TEXT = "I'm sorry, but I can't help with that."
 

@@ -10,18 +10,21 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from training.data.paths import data_file
 from training.data.records import (
     BenignExample,
+    CoCoNotPrompt,
     HarmfulBehavior,
     HarmfulPair,
     HarmfulSpan,
     JailbreakArtifact,
     LabelledGeneration,
+    OpenQAQuestion,
+    PreferencePair,
     XSTestCompletion,
     XSTestPrompt,
 )
@@ -41,6 +44,15 @@ ADVBENCH_TARGET_FIX: dict[int, int] = {
 }  # fmt: skip
 
 XSTEST_MODELS: tuple[str, ...] = ("gpt4", "llama2orig")
+GPTEACHER_FILES: dict[str, str] = {
+    "roleplay": "roleplay-instruct.json",
+    "code": "codegen-instruct.json",
+}
+COCONOT_FILES: dict[str, str] = {
+    "contrast": "coconot_contrast_eval.jsonl",
+    "eval": "coconot_eval.jsonl",
+}
+COCONOT_SAFETY_CATEGORY = "Requests with safety concerns"
 _DERTA_INSTRUCTION = "### Instruction:"
 _DERTA_RESPONSE = "### Response:"
 
@@ -60,6 +72,39 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 def _read_json(path: Path) -> Any:
     with path.open(encoding="utf-8") as f:
         return json.load(f)
+
+
+class _HasPrompt(Protocol):
+    @property
+    def prompt(self) -> str: ...
+
+
+P = TypeVar("P", bound=_HasPrompt)
+
+
+def drop_duplicate_prompts(records: Iterable[P]) -> list[P]:
+    """Keep the first record of each exact ``prompt`` text, in input order.
+
+    Unlike :func:`training.data.splits.deduplicate` nothing is normalised: prompts that
+    differ in case or punctuation (which matters in code) are both kept.
+    """
+    first: dict[str, P] = {}
+    for record in records:
+        first.setdefault(record.prompt, record)
+    return list(first.values())
+
+
+def _subset_file(files: dict[str, str], subset: str, what: str) -> str:
+    """Return ``files[subset]``, or raise a ``ValueError`` that lists the valid subsets."""
+    if subset not in files:
+        raise ValueError(f"{what} subset must be one of {sorted(files)}, got {subset!r}")
+    return files[subset]
+
+
+def _join_instruction(instruction: str, extra: str) -> str:
+    """An instruction followed, after a blank line, by its input when that is non-empty."""
+    prompt = instruction.strip()
+    return f"{prompt}\n\n{extra.strip()}" if extra.strip() else prompt
 
 
 def load_advbench_behaviors(
@@ -269,8 +314,148 @@ def load_self_instruct(data_dir: PathLike = None) -> list[BenignExample]:
     records = []
     for row in _read_jsonl(path):
         instance = row["instances"][0]
-        prompt = row["instruction"].strip()
-        if instance["input"].strip():
-            prompt = f"{prompt}\n\n{instance['input'].strip()}"
+        prompt = _join_instruction(row["instruction"], instance["input"])
         records.append(BenignExample(prompt, instance["output"], "self_instruct", row["id"]))
+    return records
+
+
+def _arena_hard_answer(row: dict[str, Any]) -> str:
+    """The reference answer of an Arena-Hard answer row (``messages[1].content.answer``)."""
+    try:
+        return row["messages"][1]["content"]["answer"]
+    except (IndexError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"arena_hard answer uid={row['uid']}: expected messages[1].content.answer, got "
+            f"{str(row['messages'])[:80]!r}"
+        ) from err
+
+
+def load_arena_hard(data_dir: PathLike = None) -> list[BenignExample]:
+    """Load the 500 Arena-Hard v0.1 prompts with GPT-4-0314 reference answers.
+
+    Prompts keep the order of ``question_v0.1.jsonl``; answers are joined on ``uid``
+    (``answer`` is ``None`` for a question without one). ``source_id`` is the ``uid``.
+    """
+    questions = _read_jsonl(data_file("arena_hard/question_v0.1.jsonl", data_dir))
+    answer_rows = _read_jsonl(data_file("arena_hard/gpt-4-0314_answers_v0.1.jsonl", data_dir))
+    answers = {row["uid"]: _arena_hard_answer(row) for row in answer_rows}
+    return [
+        BenignExample(row["prompt"], answers.get(row["uid"]), "arena_hard", row["uid"])
+        for row in questions
+    ]
+
+
+def load_gpteacher(data_dir: PathLike = None, *, subset: str = "roleplay") -> list[BenignExample]:
+    """Load GPTeacher instructions with their answers.
+
+    Args:
+        data_dir: Data directory override.
+        subset: ``"roleplay"`` (1,923 rows) or ``"code"`` (4,535 rows, ``codegen-instruct.json``).
+
+    Returns:
+        One record per row; a non-empty ``input`` is appended to the instruction after a
+        blank line. ``source_id`` is ``"<file>#<row>"``.
+    """
+    name = _subset_file(GPTEACHER_FILES, subset, "gpteacher")
+    rows = _read_json(data_file(f"gpteacher/{name}", data_dir))
+    return [
+        BenignExample(
+            _join_instruction(row["instruction"], row["input"]),
+            row["response"],
+            "gpteacher",
+            f"{name}#{i}",
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def load_nq_open(data_dir: PathLike = None) -> list[OpenQAQuestion]:
+    """Load the 3,610 NQ-open dev questions with all their accepted short answers."""
+    path = data_file("nq_open/NQ-open.dev.jsonl", data_dir)
+    return [
+        OpenQAQuestion(row["question"], tuple(row["answer"]), f"NQ-open.dev.jsonl#{i}")
+        for i, row in enumerate(_read_jsonl(path))
+    ]
+
+
+def load_coconot(data_dir: PathLike = None, *, subset: str = "contrast") -> list[CoCoNotPrompt]:
+    """Load CoCoNot prompts with their categories.
+
+    Args:
+        data_dir: Data directory override.
+        subset: ``"contrast"`` (379 look-alike prompts that should be answered) or
+            ``"eval"`` (1,001 prompts a model should not simply comply with).
+
+    Returns:
+        One record per row; an empty ``response`` becomes ``None`` (both files leave it empty).
+    """
+    name = _subset_file(COCONOT_FILES, subset, "coconot")
+    return [
+        CoCoNotPrompt(
+            row["prompt"], row["category"], row["subcategory"], row["id"], row["response"] or None
+        )
+        for row in _read_jsonl(data_file(f"coconot/{name}", data_dir))
+    ]
+
+
+def load_coconot_pref(data_dir: PathLike = None) -> list[PreferencePair]:
+    """Load the 927 CoCoNot preference rows (contrast prompts that should be answered).
+
+    ``chosen`` complies, ``rejected`` is the over-cautious answer. Eight rows repeat an
+    earlier prompt (with other answers); they are kept here.
+    """
+    path = data_file("coconot/coconot_pref.jsonl", data_dir)
+    return [
+        PreferencePair(
+            row["prompt"],
+            row["chosen"],
+            row["rejected"],
+            "coconot",
+            row["id"],
+            row["category"],
+            row["subcategory"],
+        )
+        for row in _read_jsonl(path)
+    ]
+
+
+def load_coconot_harmful_prompts(data_dir: PathLike = None) -> list[HarmfulBehavior]:
+    """Load the 395 ``Requests with safety concerns`` of ``coconot_eval.jsonl`` as harmful prompts.
+
+    ``target`` is ``None``; ``category`` is the CoCoNot subcategory (e.g. ``"privacy
+    violations"``); ``source_id`` is the CoCoNot ``id``. Exact-duplicate prompts are dropped.
+
+    Raises:
+        ValueError: The file has no row of that category (the category names changed).
+    """
+    rows = load_coconot(data_dir, subset="eval")
+    records = [
+        HarmfulBehavior(row.prompt, None, "coconot", row.source_id, row.subcategory)
+        for row in rows
+        if row.category == COCONOT_SAFETY_CATEGORY
+    ]
+    if not records:
+        found = sorted({row.category for row in rows})
+        raise ValueError(
+            f"coconot_eval.jsonl has no {COCONOT_SAFETY_CATEGORY!r} rows; categories: {found}"
+        )
+    return drop_duplicate_prompts(records)
+
+
+def load_mitre_frr(data_dir: PathLike = None) -> list[BenignExample]:
+    """Load the 750 benign MITRE false-refusal prompts (CyberSecEval FRR), without answers.
+
+    Raises:
+        ValueError: A row is marked ``is_malicious`` (the set is benign by construction).
+    """
+    rows = _read_json(data_file("mitre_frr/mitre_frr.json", data_dir))
+    records = []
+    for i, row in enumerate(rows):
+        if row["is_malicious"] is not False:
+            raise ValueError(
+                f"mitre_frr.json#{i}: is_malicious={row['is_malicious']!r}, expected false"
+            )
+        records.append(
+            BenignExample(row["mutated_prompt"], None, "mitre_frr", f"mitre_frr.json#{i}")
+        )
     return records

@@ -38,6 +38,74 @@ class BenignExample:
 
 
 @dataclass(frozen=True, slots=True)
+class BenignPrompt:
+    """A benign prompt from one of the benign sources (see :mod:`training.data.benign_sources`).
+
+    Attributes:
+        prompt: The request text.
+        source: Benign source name, e.g. ``"gpteacher_code"``.
+        source_id: Row identifier inside the source; stable across runs.
+        answer: Reference (complying) answer, or ``None`` if the source has none.
+        rejected: An over-cautious answer to the same prompt where the source has one
+            (CoCoNot preference data), else ``None``.
+        category: Category where the source gives one, else ``None``.
+    """
+
+    prompt: str
+    source: str
+    source_id: str
+    answer: str | None = None
+    rejected: str | None = None
+    category: str | None = None
+
+    @property
+    def uid(self) -> str:
+        """Identifier unique across all benign sources: ``"<source>:<source_id>"``."""
+        return f"{self.source}:{self.source_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenQAQuestion:
+    """A short-answer question with every accepted answer string (NQ-open)."""
+
+    prompt: str
+    answers: tuple[str, ...]
+    source_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CoCoNotPrompt:
+    """A CoCoNot prompt with its noncompliance category.
+
+    Attributes:
+        prompt: The request text.
+        category: Top-level category, e.g. ``"Requests with safety concerns"``.
+        subcategory: Finer category, e.g. ``"dangerous or sensitive topics"``.
+        source_id: The CoCoNot ``id``.
+        response: Reference response, or ``None`` where the file leaves it empty.
+    """
+
+    prompt: str
+    category: str
+    subcategory: str
+    source_id: str
+    response: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreferencePair:
+    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) answer."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+    source_id: str
+    category: str | None = None
+    subcategory: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LabelledGeneration:
     """A model generation with a binary harm label (1 = harmful).
 

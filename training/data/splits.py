@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from training.data.text import normalize_text
@@ -59,6 +60,12 @@ class _UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
+def _char_ngram_vectors(normalised: Sequence[str]) -> sp.csr_matrix:
+    """L2-normalised character 3-5-gram TF-IDF rows, ``[n_texts, n_ngrams]``; IDF fitted here."""
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)
+    return vectorizer.fit_transform(normalised)
+
+
 def similar_pairs(
     texts: Sequence[str], *, threshold: float = DEFAULT_THRESHOLD
 ) -> list[tuple[int, int]]:
@@ -77,8 +84,7 @@ def similar_pairs(
     keep = [i for i, t in enumerate(normalised) if t]  # empty texts have no n-grams
     if len(keep) < 2:
         return []
-    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)
-    vectors = vectorizer.fit_transform([normalised[i] for i in keep])  # [n_kept, n_ngrams], L2 rows
+    vectors = _char_ngram_vectors([normalised[i] for i in keep])  # [n_kept, n_ngrams]
     pairs: list[tuple[int, int]] = []
     for start in range(0, vectors.shape[0], _BLOCK):
         sims = (vectors[start : start + _BLOCK] @ vectors.T).toarray()  # [block, n_kept]
@@ -89,6 +95,28 @@ def similar_pairs(
             if start + i < j
         )
     return sorted(pairs)
+
+
+def max_similarity(texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """Near-duplicate similarity of each text to its closest reference, ``[n_texts]``.
+
+    The same measure as :func:`similar_pairs` (cosine of character 3-5-gram TF-IDF of the
+    normalised texts), with the IDF fitted on ``references`` and ``texts`` together, so
+    ``max_similarity(texts, refs) >= DEFAULT_THRESHOLD`` flags near-duplicates of a
+    reference. Empty texts (and an empty ``references``) score 0.
+    """
+    normalised = [normalize_text(t) for t in texts]
+    refs = [r for r in (normalize_text(t) for t in references) if r]
+    best = np.zeros(len(normalised))
+    keep = [i for i, t in enumerate(normalised) if t]
+    if not keep or not refs:
+        return best
+    vectors = _char_ngram_vectors([*refs, *(normalised[i] for i in keep)])
+    ref_vectors, text_vectors = vectors[: len(refs)], vectors[len(refs) :]
+    for start in range(0, text_vectors.shape[0], _BLOCK):
+        sims = (text_vectors[start : start + _BLOCK] @ ref_vectors.T).toarray()  # [block, n_refs]
+        best[keep[start : start + _BLOCK]] = sims.max(axis=1)
+    return best
 
 
 def group_near_duplicates(

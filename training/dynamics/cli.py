@@ -12,9 +12,10 @@ from typing import Annotated
 import typer
 
 from guard import DEFAULT_MODEL, LoadedModel, encode_chat, load_model
-from training.attacks.insert import parse_positions, pool_refusals
-from training.attacks.prompts import AttackPrompt, load_attack_prompts
-from training.attacks.responses import harmful_responses
+from training.common.insertion import parse_positions, pool_refusals
+from training.common.plots import Curve, plot_curves
+from training.common.prompts import AttackPrompt, load_attack_prompts
+from training.common.responses import harmful_responses
 from training.dynamics.consistency import (
     RECOVERY_TEXT,
     insertion_cases,
@@ -23,7 +24,6 @@ from training.dynamics.consistency import (
     score_cases,
 )
 from training.dynamics.kl import per_position_kl
-from training.dynamics.plots import Curve, plot_curves
 from training.dynamics.positional import plot_positional
 
 app = typer.Typer(no_args_is_help=True, help="Learning-dynamics measurements (shallow alignment).")

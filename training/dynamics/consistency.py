@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.attacks.insert import END, Position, insertion_point, span_ids, word_starts
-from training.attacks.stats import Rate
+from training.common.insertion import END, Position, insertion_point, span_ids, word_starts
+from training.common.stats import Rate
 from training.dynamics.teacher import collate, response_nll
 
 logger = logging.getLogger(__name__)

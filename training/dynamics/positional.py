@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from training.dynamics.plots import Curve, plot_curves
+from training.common.plots import Curve, plot_curves
 from training.dynamics.teacher import collate, encode_pairs, response_nll
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ from training.finetune.sft_data import (
     SFTExample,
     benign_examples,
     build_sft_examples,
-    clean_gsm8k_answer,
     drop_long,
     refusal_examples,
 )
@@ -16,7 +15,6 @@ __all__ = [
     "SFTExample",
     "benign_examples",
     "build_sft_examples",
-    "clean_gsm8k_answer",
     "drop_long",
     "finalize_checkpoint",
     "refusal_examples",

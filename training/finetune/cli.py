@@ -1,4 +1,7 @@
-"""``trajguard train``: safety-alignment SFT (``align``)."""
+"""``trajguard train align``: safety-alignment SFT, and the training options it shares.
+
+The ``trajguard train`` app itself is composed in :mod:`training.cli`.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +14,8 @@ import typer
 from guard import DEFAULT_MODEL
 from training.dynamics.positional import plot_positional
 from training.finetune.align import POSITIONAL_FILE, AlignConfig, run_align
-from training.probes.cli import rwi as rwi_probe
-from training.rwi.run import AugmentedConfig, run_augmented
-from training.rwi.worst import CRITERIA
 
-app = typer.Typer(no_args_is_help=True, help="Safety fine-tuning.")
 _D = AlignConfig()
-_A = AugmentedConfig()
 
 Model = Annotated[str, typer.Option(help="Base model: alias, HF directory or cached id.")]
 Out = Annotated[Path, typer.Option(help="Output directory (HF checkpoint).")]
@@ -32,15 +30,8 @@ DataDir = Annotated[str | None, typer.Option(envvar="TRAJGUARD_DATA")]
 MaxSteps = Annotated[int, typer.Option(help="-1: run the epochs.")]
 NSelfInstruct = Annotated[int, typer.Option(help="Self-instruct examples; -1: all.")]
 NGsm8k = Annotated[int, typer.Option(min=0)]
-Writer = Annotated[str, typer.Option(help="Model that continues targets into harmful responses.")]
 
 
-@app.callback()
-def _main() -> None:
-    """Safety fine-tuning."""
-
-
-@app.command()
 def align(
     model: Model = DEFAULT_MODEL,
     out: Out = Path(_D.out),
@@ -100,80 +91,3 @@ def align(
         f"aligned model: {result.out} ({result.n_refusal} refusals + {result.n_benign} benign, "
         f"{result.global_steps} steps, loss {result.train_loss}, {result.wall_time_s:.0f} s)"
     )
-
-
-def _augmented(method: str, options: dict) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    options = {**options, "method": method, "out": str(options["out"])}
-    for name in ("n_harmful", "n_self_instruct"):
-        options[name] = None if options[name] < 0 else options[name]
-    if "span_lengths" in options:
-        options["span_lengths"] = [int(m) for m in options["span_lengths"].split(",") if m.strip()]
-    result = run_augmented(AugmentedConfig(**options))
-    typer.echo(
-        f"{method} model: {result.out} ({result.n_refusal} refusals + {result.n_benign} benign "
-        f"+ augmentation, {result.global_steps} steps, loss {result.train_loss}, "
-        f"{result.wall_time_s:.0f} s)"
-    )
-
-
-@app.command()
-def rwi(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path(_A.out),
-    k: Annotated[int, typer.Option(min=1, help="Candidate insertions per prompt.")] = _A.k,
-    criterion: Annotated[
-        str, typer.Option(help=f"Worst-of-K criterion: {'|'.join(CRITERIA)}.")
-    ] = _A.criterion,
-    span_lengths: Annotated[
-        str, typer.Option(help="Span lengths m, comma-separated.")
-    ] = "4,8,16,32",
-    long_refusal_share: Annotated[float, typer.Option(min=0.0, max=1.0)] = _A.long_refusal_share,
-    epochs: Epochs = _A.epochs,
-    max_steps: MaxSteps = _A.max_steps,
-    learning_rate: LearningRate = _A.learning_rate,
-    batch_size: BatchSize = _A.batch_size,
-    bf16: Bf16 = _A.bf16,
-    lora: Lora = _A.lora,
-    seed: Seed = _A.seed,
-    n_harmful: NHarmful = 200,
-    n_self_instruct: NSelfInstruct = -1,
-    n_gsm8k: NGsm8k = _A.n_gsm8k,
-    writer: Writer = DEFAULT_MODEL,
-    data_dir: DataDir = None,
-) -> None:
-    """Random worst-insertion adversarial alignment: recover after the worst of K insertions."""
-    if criterion not in CRITERIA:
-        raise typer.BadParameter(f"must be one of {CRITERIA}", param_hint="--criterion")
-    _augmented("rwi", dict(locals()))
-
-
-@app.command()
-def qi(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/aligned-qi"),
-    max_prefix_tokens: Annotated[
-        int, typer.Option(min=0, help="k ~ U[0, this].")
-    ] = _A.max_prefix_tokens,
-    epochs: Epochs = _A.epochs,
-    max_steps: MaxSteps = _A.max_steps,
-    learning_rate: LearningRate = _A.learning_rate,
-    batch_size: BatchSize = _A.batch_size,
-    bf16: Bf16 = _A.bf16,
-    lora: Lora = _A.lora,
-    seed: Seed = _A.seed,
-    n_harmful: NHarmful = 200,
-    n_self_instruct: NSelfInstruct = -1,
-    n_gsm8k: NGsm8k = _A.n_gsm8k,
-    writer: Writer = DEFAULT_MODEL,
-    data_dir: DataDir = None,
-) -> None:
-    """Baseline: Qi et al.'s safety-recovery augmentation (harmful prefix, then refusal)."""
-    _augmented("qi", dict(locals()))
-
-
-app.command("probe", help="Fit the RWI probe (same as `trajguard probe rwi`).")(rwi_probe)
-
-
-if __name__ == "__main__":
-    app()

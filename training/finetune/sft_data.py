@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from training.common.benign import clean_gsm8k_answer
+from training.common.harmful_split import DEFAULT_SPLIT_SEED, split_part
 from training.data import load_gsm8k, load_self_instruct, refusal_pool
 from training.data.loaders import PathLike
-from training.splits_default import DEFAULT_SPLIT_SEED, split_part
 
 logger = logging.getLogger(__name__)
-
-_CALCULATOR = re.compile(r"<<[^>]*>>")
-_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +47,6 @@ class SFTExample:
             "kind": self.kind,
             "source": self.source,
         }
-
-
-def clean_gsm8k_answer(answer: str) -> str:
-    """Drop GSM8K calculator annotations and turn ``#### 72`` into "The answer is 72."."""
-    text = _CALCULATOR.sub("", answer)
-    match = _FINAL.search(text)
-    if match:
-        text = text[: match.start()].rstrip() + f"\nThe answer is {match.group(1)}."
-    return text.strip()
 
 
 def refusal_examples(

@@ -64,6 +64,11 @@ class HarmJudge(BaseEstimator):
         refusal_feature: Add the keyword refusal judge's verdict as a feature.
         max_chars: Generations (and prompts) are truncated to this many characters.
         class_weight: Passed to ``LogisticRegression``.
+
+    Attributes:
+        report: What the judge was trained on (sources, exclusions, C selection); empty
+            unless the code that fitted it filled it in. Saved in ``config.json`` as
+            ``"training"``.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class HarmJudge(BaseEstimator):
         self.refusal_feature = refusal_feature
         self.max_chars = max_chars
         self.class_weight = class_weight
+        self.report: dict[str, Any] = {}
 
     def _count_blocks(
         self, prompts: Sequence[str], generations: Sequence[str]
@@ -175,7 +181,8 @@ class HarmJudge(BaseEstimator):
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``weights.npz`` (no pickle) into ``directory``.
 
-        Only the non-default IDF entries and the non-zero coefficients are stored.
+        Only the non-default IDF entries and the non-zero coefficients are stored;
+        ``config.json`` also holds :attr:`report` under ``"training"``.
 
         Returns:
             The directory.
@@ -195,6 +202,7 @@ class HarmJudge(BaseEstimator):
             "idf_default": idf_default,
             "intercept": self.intercept_,
             "n_features_in": self.n_features_in_,
+            "training": self.report,
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         np.savez_compressed(
@@ -231,6 +239,7 @@ class HarmJudge(BaseEstimator):
         judge.intercept_ = float(config["intercept"])
         judge.classes_ = np.array([0, 1])
         judge.n_features_in_ = n_in
+        judge.report = config.get("training", {})
         return judge
 
 

@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 
 from guard.models import DEFAULT_MODEL
-from training.probes.rwi import ProbeTrainingConfig, run_probe_training
-from training.rwi.worst import CRITERIA
+from training.common.worst import CRITERIA
+from training.probes.config import ProbeTrainingConfig
+from training.probes.rwi import run_probe_training
 
 app = typer.Typer(no_args_is_help=True, help="Fit and calibrate probes.")
 _P = ProbeTrainingConfig()

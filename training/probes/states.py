@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from guard.capture import HiddenStateCapture
-from guard.chat import encode_chat
 
 
 @torch.inference_mode()
@@ -50,27 +49,3 @@ def token_states(
                 for row, (p, r) in enumerate(chunk):
                     out[name].append(hidden[row, len(p) : len(p) + len(r)].numpy())
     return out
-
-
-def response_states(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[str, str]],
-    hook_name: str,
-    *,
-    max_response_tokens: int = 64,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list[np.ndarray]:
-    """States at ``hook_name`` of every response token of ``(prompt, response)`` text pairs."""
-    sequences = [
-        (
-            encode_chat(tokenizer, [{"role": "user", "content": prompt}]).prompt_ids,
-            tokenizer.encode(response, add_special_tokens=False)[:max_response_tokens],
-        )
-        for prompt, response in pairs
-    ]
-    pad = tokenizer.pad_token_id or 0
-    return token_states(
-        model, sequences, [hook_name], batch_size=batch_size, pad_id=pad, progress=progress
-    )[hook_name]

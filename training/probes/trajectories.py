@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from guard import GuardedEngine, LoadedModel, SamplingParams, encode_chat
-from training.attacks.generation import generate_requests
 from training.attacks.judging import judge_outputs
-from training.attacks.prompts import AttackPrompt
+from training.common.candidates import DEFAULT_SPAN_LENGTHS, Insertion, sample_insertions
+from training.common.generation import generate_requests
+from training.common.prompts import AttackPrompt
+from training.common.worst import insertion_scores, worst_index
 from training.data import refusal_pool
 from training.judge import HarmJudge
-from training.rwi.candidates import DEFAULT_SPAN_LENGTHS, Insertion, sample_insertions
-from training.rwi.worst import insertion_scores, worst_index
 
 UNSAFE, SAFE, IGNORE = 1, 0, -1
 RECIPES: tuple[str, ...] = ("rwi", "prefill", "whole")

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from guard.chat import encode_chat
+from training.common.candidates import DEFAULT_SPAN_LENGTHS, Insertion, sample_insertions
+from training.common.harmful_split import DEFAULT_SPLIT_SEED, split_part
 from training.data import RECOVERY_TEXTS, harmful_span_pool, refusal_pool
 from training.data.loaders import PathLike
 from training.finetune.tokenized import TokenizedExample, assistant_end_ids, chat_example
-from training.rwi.candidates import DEFAULT_SPAN_LENGTHS, Insertion, sample_insertions
-from training.splits_default import DEFAULT_SPLIT_SEED, split_part
 
 
 @dataclass(frozen=True, slots=True)

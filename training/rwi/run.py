@@ -19,8 +19,9 @@ from pathlib import Path
 
 from guard import DEFAULT_MODEL
 from guard.models import load_model
-from training.attacks.prompts import AttackPrompt, load_attack_prompts
-from training.attacks.responses import harmful_responses
+from training.common.candidates import DEFAULT_SPAN_LENGTHS
+from training.common.prompts import AttackPrompt, load_attack_prompts
+from training.common.responses import harmful_responses
 from training.finetune.align import (
     AlignConfig,
     AlignResult,
@@ -33,7 +34,6 @@ from training.finetune.align import (
 )
 from training.finetune.sft_data import SFTExample
 from training.finetune.tokenized import TokenizedExample, chat_example
-from training.rwi.candidates import DEFAULT_SPAN_LENGTHS
 from training.rwi.data import (
     HarmfulSource,
     InsertionGroup,

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from training.common.worst import CRITERIA, insertion_scores, worst_index
 from training.finetune.tokenized import TokenizedExample, pad_examples
 from training.rwi.data import InsertionGroup
-from training.rwi.worst import CRITERIA, insertion_scores, worst_index
 
 
 @dataclass
@@ -73,7 +73,7 @@ class WorstInsertionTrainer(Trainer):
     """``Trainer`` whose batches may contain :class:`InsertionGroup` s (see module docstring).
 
     Args:
-        criterion: Worst-of-K criterion (see :data:`training.rwi.worst.CRITERIA`).
+        criterion: Worst-of-K criterion (see :data:`training.common.worst.CRITERIA`).
         pad_id: Padding id for the padded batch.
         selection_log: Where the choices are recorded.
         **kwargs: Passed to :class:`transformers.Trainer`.

@@ -16,7 +16,7 @@ from guard import GuardConfig, GuardedEngine
 from guard.probe import LinearProbe
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine import LocalGuardEngine
+from server.local import LocalGuardEngine
 from tests.conftest import build_tiny_model
 from tests.helpers import ScriptedProbe, fitted_probe
 

@@ -84,10 +84,14 @@ def test_rollback_stream_never_sends_a_discarded_token(make_server, tiny_tokeniz
     assert text == result.text  # the stream is exactly the final answer: nothing was retracted
     recovery_ids = tiny_tokenizer.encode(recovery, add_special_tokens=False)
     assert text.startswith(tiny_tokenizer.decode(plain.token_ids[: event.kept] + recovery_ids))
-    assert (
-        event.discarded >= 1
-        and plain.token_ids[event.kept] not in result.token_ids[event.kept : event.kept + 1]
+    # The script fires on the token at response index 6: the six safe tokens before it are
+    # kept, that one token is discarded, and the recovery text's tokens are injected.
+    assert (event.step, event.kept, event.discarded) == (6, 6, 1)
+    assert event.injected == len(recovery_ids) and event.score == pytest.approx(0.9)
+    assert result.token_ids[: event.kept + event.injected] == (
+        plain.token_ids[: event.kept] + recovery_ids
     )
+    assert plain.token_ids[event.kept] not in result.token_ids[event.kept : event.kept + 1]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -25,11 +25,13 @@ from guard import (
     load_model,
 )
 from guard.assets import default_probe_dir
+from guard.hooks import resolve_hook_name
 from guard.probe import LinearProbe
 from guard.shadow import ShadowScorer
 from server.engine import GuardOptions
 from server.upstream import UpstreamVLLMEngine
-from tests.helpers import ScriptedProbe
+from tests.helpers import ScriptedProbe, require_vllm
+from training.probes.states import token_states
 
 pytestmark = pytest.mark.vllm
 
@@ -47,7 +49,7 @@ def vllm_url(default_lm):
         return
     python = os.environ.get("TRAJGUARD_VLLM_PYTHON")
     if not python:
-        pytest.skip(
+        require_vllm(
             "set TRAJGUARD_VLLM_URL or TRAJGUARD_VLLM_PYTHON to test against a real vLLM server"
         )
     with socket.socket() as sock:
@@ -135,7 +137,14 @@ def test_quiet_guard_passes_vllm_tokens_through(vllm_url, default_lm):
     assert tokens == upstream_greedy(vllm_url, prompt.prompt_ids, 16)
     final = outputs[-1]
     assert final.finish_reason == "length" and not final.summary.triggered
-    assert len(final.summary.scores) == 16 and all(0 <= s <= 1 for s in final.summary.scores)
+    # The shadow scorer's scores: the probe on the default model's own states of vLLM's
+    # tokens (the state of a token is the residual stream at its own position).
+    hook = resolve_hook_name(probe.hook_name, default_lm.model.config.num_hidden_layers)
+    pairs = [(prompt.prompt_ids, tokens)]
+    states = token_states(default_lm.model, pairs, [hook], progress=False)[hook][0]
+    expected = probe.predict_proba(states)[:, 1].tolist()
+    assert len(final.summary.scores) == 16
+    assert list(final.summary.scores) == pytest.approx(expected, abs=1e-4)
 
 
 def test_trigger_rolls_back_and_continues_upstream(vllm_url, default_lm):
@@ -186,11 +195,13 @@ def test_proxy_with_vllm_backend_serves_openai_client(vllm_url, default_lm):
         client = live.client()
         prompt = encode_chat(default_lm.tokenizer, PROMPT)
         expected = default_lm.tokenizer.decode(upstream_greedy(vllm_url, prompt.prompt_ids, 12))
-        reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=PROMPT, max_tokens=12,
-                                               temperature=0)
+        reply = client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=PROMPT, max_tokens=12, temperature=0
+        )
         assert reply.choices[0].message.content == expected
-        stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=PROMPT, max_tokens=12,
-                                                temperature=0, stream=True)
+        stream = client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=PROMPT, max_tokens=12, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
     finally:
         live.stop()

@@ -29,6 +29,7 @@ from guard import DEFAULT_MODEL, load_model
 from guard.assets import default_probe_dir
 from guard.vllm.launch import VLLMServer, free_port
 from guard.vllm.settings import ACTUATOR
+from tests.helpers import require_vllm
 
 PROBE_DIR = default_probe_dir()
 SERVED = "smollm2"
@@ -108,7 +109,7 @@ class Engines:
 
     def stock(self) -> VLLMServer:
         if self.external:
-            pytest.skip("stock parity needs TRAJGUARD_VLLM_PYTHON (starts its own servers)")
+            require_vllm("stock parity needs TRAJGUARD_VLLM_PYTHON (starts its own servers)")
         if self._kind != "stock":
             self._swap("stock")
             # No TRAJGUARD_PROBE and no --logits-processors: the plugin registers nothing.
@@ -138,7 +139,7 @@ def default_lm():
 def engines(default_lm) -> Iterator[Engines]:
     python = os.environ.get("TRAJGUARD_VLLM_PYTHON")
     if not python and not os.environ.get("TRAJGUARD_VLLM_PLUGIN_URL"):
-        pytest.skip("set TRAJGUARD_VLLM_PYTHON to test the vLLM plugin in a real engine")
+        require_vllm("set TRAJGUARD_VLLM_PYTHON to test the vLLM plugin in a real engine")
     manager = Engines(python, str(default_lm.path))
     try:
         yield manager

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from benchmarks.bench.cache import SampleCache
+from benchmarks.bench.cache import SampleCache, result_from_json
 from benchmarks.bench.cli import app
 from benchmarks.bench.targets import ModelSpec
 from guard import GuardedEngine
@@ -75,22 +77,33 @@ def test_bench_runs_resumes_and_reports(
         assert cells[(defence, "insert", "p=64,m=3")]["asr"]["n"] == 2
         assert cells[(defence, "insert", "all")]["asr"]["n"] == 8
         assert cells[(defence, "adaptive", "m=3")]["cell"] == {"m": 3}
-        assert cells[(defence, "insert", "all")]["wall_s"] > 0
     assert cells[("none", "direct", "all")]["trigger_rate"] is None
     assert cells[("guard:rollback", "direct", "all")]["trigger_rate"]["n"] == 2
     machine = results["machine"]
-    assert machine["cpu_cores"] >= 1 and machine["cpu_model"] and machine["torch"]
+    assert machine["cpu_cores"] == os.cpu_count() and machine["cpu_model"]
+    assert machine["torch"] == torch.__version__
 
     records = _records(out)
+    for (defence, attack, label), cell in cells.items():  # a cell's time is its samples' time
+        if label == "all":
+            gen_s = [
+                r["gen_s"] for r in records if (r["defence"], r["attack"]) == (defence, attack)
+            ]
+            assert cell["wall_s"] == pytest.approx(sum(gen_s)) and min(gen_s) > 0
     guarded = [r for r in records if r["defence"] == "guard:rollback"]
     assert 0 < sum(r["triggered"] for r in guarded) < len(guarded)  # the guard fires sometimes
     cache = SampleCache(out / "cache.jsonl")
-    for r in records:  # leaked tokens: kept before the first recovery, else all if harmful
-        interventions = cache.entries[r["cache_key"]]["result"]["interventions"]
-        if interventions:
-            assert r["leaked_tokens"] == interventions[0]["kept"] <= r["n_new_tokens"]
+    for r in records:  # leaked tokens: harmful model-written tokens the user received
+        result = result_from_json("r", cache.entries[r["cache_key"]]["result"])
+        model_tokens = sum(b - a for a, b in result.model_spans())
+        injected = sum(i.injected for i in result.interventions)  # guard tokens, at most
+        assert r["n_new_tokens"] - injected <= model_tokens <= r["n_new_tokens"]
+        if not r["success"]:
+            assert r["leaked_tokens"] == 0
+        elif not result.interventions:
+            assert r["leaked_tokens"] == r["n_new_tokens"]
         else:
-            assert r["leaked_tokens"] == (r["n_new_tokens"] if r["success"] else 0)
+            assert 0 < r["leaked_tokens"] <= model_tokens
     if any(r["triggered"] and r["leaked_tokens"] > 0 for r in guarded):
         assert any(e["triggered"] for e in results["examples"])
 

@@ -10,7 +10,7 @@ from benchmarks.serve_load import _start_server
 from guard import load_model
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine import LocalGuardEngine
+from server.local import LocalGuardEngine
 from training.attacks.harness import AttackConfig, build_engine
 
 

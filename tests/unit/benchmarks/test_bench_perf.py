@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import statistics
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from benchmarks.bench.cli import app
 from benchmarks.bench.perf import headline
+from benchmarks.common import PROMPTS
+from guard import GuardedEngine
 
 runner = CliRunner()
 
@@ -22,7 +28,19 @@ def test_headline_is_the_last_line() -> None:
         headline("no headline here")
 
 
-def test_perf_runs_the_overhead_script(tiny_model_dir, tiny_probe_dir, tmp_path) -> None:
+def test_perf_runs_the_overhead_script(
+    tiny_model_dir, tiny_probe_dir, tmp_path, monkeypatch
+) -> None:
+    timed: dict[bool, list] = {False: [], True: []}  # guarded? -> the timed arms' results
+    original = GuardedEngine.generate
+
+    def spy(self, prompts, params=None, **kwargs):
+        results = original(self, prompts, params, **kwargs)
+        if params is not None and params.ignore_eos:  # a timed call, not the warm-up
+            timed[self.probe is not None] += results
+        return results
+
+    monkeypatch.setattr(GuardedEngine, "generate", spy)
     out = tmp_path / "perf"
     result = runner.invoke(
         app,
@@ -35,13 +53,28 @@ def test_perf_runs_the_overhead_script(tiny_model_dir, tiny_probe_dir, tmp_path)
     assert result.exit_code == 0, result.output
     payload = json.loads((out / "perf.json").read_text())
     machine = payload["machine"]
-    assert machine["cpu_model"] and machine["cpu_cores"] >= machine["cpu_cores_usable"] >= 1
-    assert machine["torch"] and isinstance(machine["gpus"], list)
+    assert machine["cpu_model"] and machine["cpu_cores"] == os.cpu_count()
+    assert machine["cpu_cores_usable"] == len(os.sched_getaffinity(0))
+    assert machine["torch"] == torch.__version__ and isinstance(machine["gpus"], list)
+
+    # Both arms decode the same requests to exactly max_tokens (ignore_eos): 2 batch sizes x
+    # 2 rounds x the prompts x 4 tokens; the guarded arm scores every token, never fires.
+    n = 2 * 2 * len(PROMPTS)
+    for guarded, results in timed.items():
+        assert len(results) == n and all(len(r.token_ids) == 4 for r in results), guarded
+        assert all((None not in r.scores) == guarded for r in results)
+        assert not any(r.interventions for r in results)
+
     bench = payload["benchmarks"]["overhead"]
     details = bench["details"]  # the script's own JSON
-    assert set(details["results"]) >= {"batch_1", "batch_2"} and details["rounds"] == 2
+    assert set(details["results"]) == {"batch_1", "batch_2", "hf_generate_tokens_per_s"}
+    assert details["rounds"] == 2 and details["max_tokens"] == 4
+    for b in ("batch_1", "batch_2"):
+        ratios = details["results"][b]["ratios"]
+        assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+        assert details["results"][b]["ratio_median"] == pytest.approx(statistics.median(ratios))
     assert bench["ratio"] == pytest.approx(details["results"]["batch_1"]["ratio_median"], abs=5e-4)
-    assert 0 < bench["ratio"] < 10 and payload["ratio_geomean"] == pytest.approx(bench["ratio"])
+    assert payload["ratio_geomean"] == pytest.approx(bench["ratio"])  # one benchmark
     last = result.output.strip().splitlines()[-1]
     assert last == f"perf guarded/unguarded ratio geomean: {payload['ratio_geomean']:.3f}"
 

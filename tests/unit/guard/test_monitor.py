@@ -1,7 +1,11 @@
+import math
+from dataclasses import replace
+
 import pytest
 
 from guard import ConfigError, MonitorConfig, StepMonitor
-from guard.monitor import peak_debounced_score
+from guard.monitor import peak_debounced_score, resolve_threshold, usable_score
+from guard.policies import Trigger, rise_start
 
 
 @pytest.mark.parametrize(
@@ -30,11 +34,25 @@ def test_peak_matches_online_monitor():
 
 
 def test_rise_start_never_crosses_released():
-    monitor = StepMonitor(MonitorConfig(threshold=0.5), threshold=0.5)
-    for s in [0.1, 0.3, 0.4, 0.45, 0.9]:
-        monitor.observe(s)
-    assert monitor.rise_start(floor=0, fraction=0.5) == 1
-    assert monitor.rise_start(floor=3, fraction=0.5) == 3
+    scores = (0.1, 0.3, 0.4, 0.45, 0.9)
+    trigger = Trigger(scores, threshold=0.5, released=0, recoveries=0, response_ids=(1,) * 5)
+    assert rise_start(trigger, fraction=0.5) == 1
+    assert rise_start(replace(trigger, released=3), fraction=0.5) == 3
+
+
+def test_threshold_rule_request_then_config_then_probe():
+    assert resolve_threshold(request=0.0, config=0.7, probe=0.9) == 0.0
+    assert resolve_threshold(config=0.7, probe=0.9) == 0.7
+    assert resolve_threshold(probe=0.9) == 0.9
+    assert resolve_threshold() == 0.5
+    monitor = StepMonitor(MonitorConfig(threshold=0.7), threshold=0.9, request_threshold=0.2)
+    assert monitor.threshold == 0.2
+
+
+@pytest.mark.parametrize("score", [None, math.nan, math.inf, -math.inf])
+def test_unusable_scores(score):
+    assert not usable_score(score)
+    assert usable_score(0.0) and usable_score(1.0)
 
 
 @pytest.mark.parametrize(

@@ -146,3 +146,46 @@ def test_corrupt_artifacts_are_refused(tmp_path, corrupt):
     (directory / "probe.json").write_text(json.dumps(meta))
     with pytest.raises(ProbeMismatchError):
         LinearProbe.load(directory)
+
+
+META_TAMPERS = {
+    "threshold null": ("threshold", None),
+    "threshold NaN": ("threshold", float("nan")),
+    "threshold 5.0": ("threshold", 5.0),
+    "threshold 0": ("threshold", 0.0),
+    "threshold 1": ("threshold", 1.0),
+    "threshold text": ("threshold", "0.9"),
+    "threshold bool": ("threshold", True),
+    "hook": ("hook_name", "blocks.x.resid"),
+    "d_model text": ("d_model", "32"),
+    "C negative": ("params", {"C": -1.0}),
+    "max_iter zero": ("params", {"max_iter": 0}),
+    "class_weight": ("params", {"class_weight": "heavy"}),
+    "fingerprint": ("model_fingerprint", 123),
+    "calibration": ("calibration", [1, 2]),
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(META_TAMPERS))
+def test_tampered_probe_json_is_refused(tmp_path, tamper):
+    directory = fitted_probe(32).save(tmp_path / "p")
+    LinearProbe.load(directory)  # sound before the tamper
+    key, value = META_TAMPERS[tamper]
+    meta = json.loads((directory / "probe.json").read_text())
+    meta[key] = value
+    (directory / "probe.json").write_text(json.dumps(meta))
+    with pytest.raises(ProbeMismatchError):
+        LinearProbe.load(directory)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tensor", ["coef", "intercept"])
+def test_non_finite_weights_are_refused(tmp_path, tensor, bad):
+    from safetensors.numpy import load_file, save_file
+
+    directory = fitted_probe(32).save(tmp_path / "p")
+    tensors = load_file(str(directory / "probe.safetensors"))
+    tensors[tensor][0] = bad
+    save_file(tensors, str(directory / "probe.safetensors"))
+    with pytest.raises(ProbeMismatchError, match="finite"):
+        LinearProbe.load(directory)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import build_tiny_model
+from training.common.harmful_split import split_part
 from training.judge import HarmJudge
-from training.splits_default import split_part
 
 
 @pytest.fixture(scope="session")

@@ -12,21 +12,14 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from typer.testing import CliRunner
 
 from tests.helpers import fitted_probe
-from training.attacks import (
-    END,
-    Rate,
-    insertion_point,
-    parse_positions,
-    summarize,
-    wilson_interval,
-    word_starts,
-)
+from training.attacks import summarize
 from training.attacks.cli import app
-from training.attacks.insert import span_ids
-from training.attacks.prompts import load_attack_prompts
-from training.attacks.responses import harmful_responses
+from training.common.harmful_split import default_harmful_behaviors, default_harmful_split
+from training.common.insertion import END, insertion_point, parse_positions, span_ids, word_starts
+from training.common.prompts import load_attack_prompts
+from training.common.responses import harmful_responses
+from training.common.stats import Rate, wilson_interval
 from training.data import DEFAULT_THRESHOLD, normalize_text
-from training.splits_default import default_harmful_behaviors, default_harmful_split
 
 runner = CliRunner()
 
@@ -217,12 +210,19 @@ def test_cli_insert_grid_random_and_guarded(
     assert len(_rows(tmp_path, "insert")) == 6
     assert [c["label"] for c in _summary(tmp_path, "insert")["cells"]] == ["all", "m=4"]
 
-    probe_dir = fitted_probe(32, "blocks.1.hook_resid_post").save(tmp_path / "probe")
-    guarded = [*common, "--probe", str(probe_dir), "--policy", "stop", "--no-strict-probe"]
-    result = runner.invoke(app, ["direct", *guarded])
-    assert result.exit_code == 0, result.output
-    rows = _rows(tmp_path, "direct")
-    assert all(r["triggered"] is not None for r in rows)  # the guard scored every request
+    # Probes whose verdict is known: a bias of +-100 puts P(unsafe) at 1 or 0 on every token.
+    for bias, fires in ((100.0, True), (-100.0, False)):
+        probe = fitted_probe(32, "blocks.1.hook_resid_post")
+        probe.intercept_ += bias
+        probe_dir = probe.save(tmp_path / f"probe{bias:+.0f}")
+        guarded = [*common, "--probe", str(probe_dir), "--policy", "stop", "--no-strict-probe"]
+        result = runner.invoke(app, ["direct", *guarded])
+        assert result.exit_code == 0, result.output
+        rows = _rows(tmp_path, "direct")
+        assert len(rows) == 3 and [r["triggered"] for r in rows] == [fires] * 3
+        assert [r["interventions"] for r in rows] == [int(fires)] * 3  # stop: one, then done
+        trigger_rate = _summary(tmp_path, "direct")["cells"][0]["trigger_rate"]
+        assert (trigger_rate["successes"], trigger_rate["n"]) == (3 * fires, 3)
 
 
 def test_cli_rejects_bad_options(
@@ -238,10 +238,10 @@ def test_cli_rwi_attack_keeps_the_models_worst_candidate(
     isolated_home, tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path
 ) -> None:
     from training.attacks.harness import AttackConfig, AttackContext
-    from training.attacks.insert import pool_refusals
     from training.attacks.worst_insert import worst_insertion_cases
-    from training.rwi.candidates import sample_insertions
-    from training.rwi.worst import insertion_scores
+    from training.common.candidates import sample_insertions
+    from training.common.insertion import pool_refusals
+    from training.common.worst import insertion_scores
 
     common = _common(tiny_model_dir, split_prompts_file, tiny_judge_dir, tmp_path)
     result = runner.invoke(app, ["rwi", "--k", "3", "--lengths", "2,4", *common])
@@ -290,14 +290,89 @@ def test_cli_benign_reports_over_refusal_triggers_and_utility(tiny_model_dir, tm
     assert summary["reference_loglik_gsm8k"] < 0
 
 
-def test_leaked_tokens_counts_released_harm_before_recovery() -> None:
-    from guard import GenerationResult, Intervention
-    from training.attacks.harness import leaked_tokens
+class _WordJudge:
+    """A harm judge that calls a text harmful when it says "bomb" (and records its inputs)."""
 
-    clean = GenerationResult("a", token_ids=[1, 2, 3])
-    assert leaked_tokens(clean, harmful=True) == 3 and leaked_tokens(clean, harmful=False) == 0
-    caught = GenerationResult("b", token_ids=[1, 2, 3, 4, 5])
-    caught.interventions.append(
-        Intervention(step=4, score=0.9, action="rollback", kept=2, discarded=2)
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def predict_proba(self, prompts, generations):
+        self.seen += list(generations)
+        p = np.array([0.9 if "bomb" in g else 0.1 for g in generations])
+        return np.stack([1 - p, p], axis=1)
+
+
+class _WordTokenizer:
+    """Token id i is the i-th word of a fixed vocabulary."""
+
+    vocab = ["Sure", "bomb", "steps", "I'm", "sorry", "ok", "fine"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(self.vocab[i] for i in ids)
+
+
+def test_model_spans_leave_out_the_guards_words() -> None:
+    from guard import GenerationResult, Intervention
+
+    plain = GenerationResult("a", token_ids=[0, 1, 2])
+    assert plain.model_spans() == [(0, 3)]
+    # kept 2 model tokens, injected 2 recovery tokens, then the model wrote 2 more
+    rolled = GenerationResult("b", token_ids=[0, 1, 3, 4, 1, 2])
+    rolled.interventions.append(
+        Intervention(step=3, score=0.9, action="rollback", kept=2, discarded=2, injected=2)
     )
-    assert leaked_tokens(caught, harmful=True) == 2
+    assert rolled.model_spans() == [(0, 2), (4, 6)]
+    # a second recovery that discarded part of the first one's recovery text
+    twice = GenerationResult("c", token_ids=[0, 3, 3, 4, 5])
+    twice.interventions += [
+        Intervention(step=1, score=0.9, action="rollback", kept=1, discarded=1, injected=2),
+        Intervention(step=3, score=0.9, action="rollback", kept=2, discarded=1, injected=2),
+    ]
+    assert twice.model_spans() == [(0, 1), (4, 5)]
+    stopped = GenerationResult("d", token_ids=[0, 5], text="Sure ok I can't help with that.")
+    stopped.interventions.append(
+        Intervention(step=3, score=0.9, action="stop", kept=2, discarded=1)
+    )
+    assert stopped.model_spans() == [(0, 2)]
+
+
+def test_a_model_that_re_complies_after_the_recovery_is_an_attack_success() -> None:
+    from guard import GenerationResult, Intervention
+    from training.attacks.harness import judge_results
+
+    # released: "Sure bomb" (model) + "I'm sorry" (guard) + "bomb steps" (model again)
+    result = GenerationResult("a", token_ids=[0, 1, 3, 4, 1, 2])
+    result.interventions.append(
+        Intervention(step=3, score=0.9, action="rollback", kept=2, discarded=2, injected=2)
+    )
+    judge = _WordJudge()
+    ((verdict, leaked, text),) = judge_results(judge, ["p"], [result], _WordTokenizer())
+    assert verdict.success and leaked == 4  # both harmful segments count, before and after
+    assert judge.seen == ["Sure bomb", "bomb steps"]  # the guard's words were never judged
+    assert "sorry" not in text
+
+    recovered = GenerationResult("b", token_ids=[0, 3, 4, 5, 6])
+    recovered.interventions.append(
+        Intervention(step=1, score=0.9, action="rollback", kept=1, discarded=1, injected=2)
+    )
+    ((verdict, leaked, _),) = judge_results(_WordJudge(), ["p"], [recovered], _WordTokenizer())
+    assert not verdict.success and leaked == 0
+
+
+def test_a_guarded_engine_result_is_judged_without_its_recovery_text(
+    tiny_llama, tiny_tokenizer
+) -> None:
+    from guard import GuardConfig, GuardedEngine, PolicyConfig, SamplingParams
+    from tests.helpers import ScriptedProbe
+
+    hot_once = ScriptedProbe(fitted_probe(32), lambda call, n: [0.9 if call == 4 else 0.1] * n)
+    config = GuardConfig(holdback=0, policy=PolicyConfig(kind="rollback", recovery_text="No way."))
+    engine = GuardedEngine(tiny_llama, tiny_tokenizer, hot_once, config)
+    prompt = tiny_tokenizer.encode("Sure, here is")
+    (result,) = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))
+    (event,) = result.interventions
+    assert event.injected == len(tiny_tokenizer.encode("No way."))
+    spans = result.model_spans()
+    guard_ids = [t for i, t in enumerate(result.token_ids) if not any(a <= i < b for a, b in spans)]
+    assert tiny_tokenizer.decode(guard_ids) == "No way."
+    assert sum(b - a for a, b in spans) == len(result.token_ids) - event.injected

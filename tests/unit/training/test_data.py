@@ -27,6 +27,13 @@ ROW_COUNTS = [
     (D.load_xstest_completions, 900),
     (D.load_self_instruct, 175),
     (D.load_gsm8k, 7473),
+    (D.load_arena_hard, 500),
+    (D.load_gpteacher, 1923),
+    (D.load_nq_open, 3610),
+    (D.load_coconot, 379),
+    (D.load_coconot_pref, 927),
+    (D.load_mitre_frr, 750),
+    (D.load_coconot_harmful_prompts, 395),
 ]
 
 
@@ -124,6 +131,175 @@ def test_harmbench_behaviors_join_targets() -> None:
     assert all(b.target and b.target.startswith("Sure") for b in behaviors)
     contextual = [b for b in behaviors if "\n\n---\n\n" in b.prompt]
     assert contextual, "contextual behaviours carry their context"
+
+
+def test_other_subsets_and_bad_subsets() -> None:
+    assert len(D.load_gpteacher(subset="code")) == 4535
+    assert len(D.load_coconot(subset="eval")) == 1001
+    with pytest.raises(ValueError, match="gpteacher subset must be one of"):
+        D.load_gpteacher(subset="codegen-instruct")
+    with pytest.raises(ValueError, match="coconot subset must be one of"):
+        D.load_coconot(subset="pref")
+
+
+# --- benign sources ------------------------------------------------------------------------
+
+# README row counts; coconot_pref has 927 rows but 8 repeat an earlier prompt; gsm8k is the
+# held-out test split.
+BENIGN_COUNTS = {
+    "arena_hard": 500,
+    "gpteacher_roleplay": 1923,
+    "gpteacher_code": 4535,
+    "nq_open": 3610,
+    "self_instruct": 175,
+    "gsm8k": 1319,
+    "coconot_contrast": 379,
+    "coconot_pref": 927 - 8,
+    "mitre_frr": 750,
+    "xstest_safe": 250,
+}
+WITH_ANSWERS = {"arena_hard", "gpteacher_roleplay", "gpteacher_code", "nq_open"}
+WITH_ANSWERS |= {"self_instruct", "gsm8k", "coconot_pref"}
+
+
+def _jsonl(relative: str) -> list[dict]:
+    lines = D.data_file(relative).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def benign() -> dict[str, list[D.BenignPrompt]]:
+    return {source: D.load_benign_prompts(source) for source in D.BENIGN_SOURCES}
+
+
+def test_benign_source_counts(benign: dict[str, list[D.BenignPrompt]]) -> None:
+    assert {source: len(records) for source, records in benign.items()} == BENIGN_COUNTS
+    assert list(D.BENIGN_SOURCES) == list(BENIGN_COUNTS)
+    assert set(D.LOOKALIKE_SOURCES) < set(D.BENIGN_SOURCES)
+
+
+def test_benign_records_are_well_formed(benign: dict[str, list[D.BenignPrompt]]) -> None:
+    for source, records in benign.items():
+        assert all(r.source == source and r.prompt.strip() for r in records), source
+        assert len({r.prompt for r in records}) == len(records), source  # no exact duplicates
+        assert len({r.source_id for r in records}) == len(records), source
+    uids = [r.uid for records in benign.values() for r in records]
+    assert len(set(uids)) == len(uids)
+
+
+def test_benign_reference_answers(benign: dict[str, list[D.BenignPrompt]]) -> None:
+    for source, records in benign.items():
+        if source in WITH_ANSWERS:
+            assert all(r.answer and r.answer.strip() for r in records), source
+        else:
+            assert all(r.answer is None for r in records), source
+        assert all((r.rejected is not None) == (source == "coconot_pref") for r in records)
+    assert all(r.rejected.strip() for r in benign["coconot_pref"])
+
+
+def test_benign_prompts_are_deterministic() -> None:
+    for source in ("gpteacher_roleplay", "coconot_pref"):
+        assert D.load_benign_prompts(source) == D.load_benign_prompts(source)
+
+
+def test_benign_sources_reuse_existing_loaders(benign: dict[str, list[D.BenignPrompt]]) -> None:
+    safe = [p.prompt for p in D.load_xstest_prompts() if p.label == "safe"]
+    assert [r.prompt for r in benign["xstest_safe"]] == safe
+    gsm8k = D.load_gsm8k(split=D.GSM8K_SPLIT)
+    assert [(r.prompt, r.answer) for r in benign["gsm8k"]] == [(b.prompt, b.answer) for b in gsm8k]
+    si = D.load_self_instruct()
+    assert [(r.prompt, r.answer) for r in benign["self_instruct"]] == [
+        (b.prompt, b.answer) for b in si
+    ]
+
+
+def test_arena_hard_answers_are_joined_on_uid(benign: dict[str, list[D.BenignPrompt]]) -> None:
+    rows = {row["uid"]: row for row in _jsonl("arena_hard/gpt-4-0314_answers_v0.1.jsonl")}
+    for record in benign["arena_hard"]:
+        messages = rows[record.source_id]["messages"]
+        assert messages[0]["content"] == record.prompt
+        assert messages[1]["content"]["answer"] == record.answer
+    first = benign["arena_hard"][0]  # question file order, not the (uid-sorted) answer file's
+    assert first.prompt.startswith("Use ABC notation") and first.answer.startswith("X:1")
+
+
+def test_gpteacher_joins_instruction_and_input() -> None:
+    rows = json.loads(D.data_file("gpteacher/codegen-instruct.json").read_text(encoding="utf-8"))
+    first = D.load_gpteacher(subset="code")[0]
+    assert first.prompt == f"{rows[0]['instruction']}\n\n{rows[0]['input']}"
+    assert first.answer == rows[0]["response"]
+    assert first.source_id == "codegen-instruct.json#0"
+    no_input = next(i for i, row in enumerate(rows) if not row["input"].strip())
+    assert D.load_gpteacher(subset="code")[no_input].prompt == rows[no_input]["instruction"]
+
+
+def test_nq_open_keeps_all_answers(benign: dict[str, list[D.BenignPrompt]]) -> None:
+    questions = D.load_nq_open()
+    assert all(q.answers for q in questions)
+    assert sum(len(q.answers) > 1 for q in questions) > 1000
+    assert [r.answer for r in benign["nq_open"]] == [q.answers[0] for q in questions]
+
+
+def test_coconot_pref_keeps_first_of_duplicate_prompts(
+    benign: dict[str, list[D.BenignPrompt]],
+) -> None:
+    pairs = D.load_coconot_pref()
+    kept = {r.source_id for r in benign["coconot_pref"]}
+    first_ids = {}
+    for pair in pairs:
+        first_ids.setdefault(pair.prompt, pair.source_id)
+    assert kept == set(first_ids.values())
+    by_id = {p.source_id: p for p in pairs}
+    for record in benign["coconot_pref"]:
+        assert (record.answer, record.rejected) == (
+            by_id[record.source_id].chosen,
+            by_id[record.source_id].rejected,
+        )
+
+
+def test_coconot_contrast_categories(benign: dict[str, list[D.BenignPrompt]]) -> None:
+    counts = Counter(r.category for r in benign["coconot_contrast"])
+    assert counts[D.COCONOT_SAFETY_CATEGORY] == 149  # the safety look-alikes
+
+
+def test_mitre_frr_is_all_benign(tmp_path: Path) -> None:
+    rows = json.loads(D.data_file("mitre_frr/mitre_frr.json").read_text(encoding="utf-8"))
+    assert len(rows) == 750 and not any(row["is_malicious"] for row in rows)
+    (tmp_path / "mitre_frr").mkdir()
+    bad = [{"mutated_prompt": "x", "is_malicious": True, "attack_type": "t", "model": "m"}]
+    (tmp_path / "mitre_frr" / "mitre_frr.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="is_malicious=True"):
+        D.load_benign_prompts("mitre_frr", data_dir=tmp_path)
+
+
+def test_coconot_harmful_prompts_are_the_safety_category(
+    benign: dict[str, list[D.BenignPrompt]],
+) -> None:
+    rows = _jsonl("coconot/coconot_eval.jsonl")
+    safety = {r["id"]: r for r in rows if r["category"] == "Requests with safety concerns"}
+    harmful = D.load_coconot_harmful_prompts()
+    assert len(harmful) == len(safety) == 395
+    for h in harmful:
+        assert h.source == "coconot" and h.target is None and h.prompt.strip()
+        assert safety[h.source_id]["prompt"] == h.prompt
+        assert safety[h.source_id]["subcategory"] == h.category
+    coconot_benign = {r.prompt for s in ("coconot_contrast", "coconot_pref") for r in benign[s]}
+    assert not coconot_benign & {h.prompt for h in harmful}
+
+
+def test_coconot_harmful_prompts_need_the_category(tmp_path: Path) -> None:
+    (tmp_path / "coconot").mkdir()
+    row = {"id": "a", "category": "Safety", "subcategory": "s", "prompt": "p", "response": ""}
+    (tmp_path / "coconot" / "coconot_eval.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="categories: \\['Safety'\\]"):
+        D.load_coconot_harmful_prompts(tmp_path)
+
+
+def test_unknown_benign_source_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown benign source 'advbench'; choose from"):
+        D.load_benign_prompts("advbench")
+    with pytest.raises(D.DataNotFoundError, match="question_v0.1.jsonl"):
+        D.load_benign_prompts("arena_hard", data_dir=tmp_path)
 
 
 # --- data-dir resolution -------------------------------------------------------------------

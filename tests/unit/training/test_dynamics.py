@@ -10,9 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from guard import load_model
 from tests.conftest import build_tiny_model
-from training.attacks.insert import END
+from training.common.insertion import END
 from training.dynamics.cli import app
 from training.dynamics.consistency import insertion_cases, prefix_cases, score_cases
 from training.dynamics.kl import PositionStats, per_position_kl
@@ -47,7 +46,25 @@ def test_kl_is_zero_against_itself_and_positive_otherwise(tiny_llama, tiny_token
     diff = per_position_kl(
         other, tiny_llama, tiny_tokenizer, PAIRS, max_response_tokens=8, progress=False
     )
-    assert len(diff.kl.mean) == 8 and min(diff.kl.mean) > 0
+    # KL(aligned || base) at each response position, pair by pair without padding
+    per_pair = []
+    for prompt, response in encode_pairs(tiny_tokenizer, PAIRS, max_response_tokens=8):
+        ids = torch.tensor([prompt + response])
+        at = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
+        log_a = torch.log_softmax(other(ids).logits[0, at].float(), -1)
+        log_b = torch.log_softmax(tiny_llama(ids).logits[0, at].float(), -1)
+        per_pair.append((log_a.exp() * (log_a - log_b)).sum(-1).tolist())
+    expected = [
+        sum(kl[t] for kl in per_pair if t < len(kl)) / sum(t < len(kl) for kl in per_pair)
+        for t in range(max(map(len, per_pair)))
+    ]
+    assert len(diff.kl.mean) == 8 and diff.kl.mean[: len(expected)] == pytest.approx(
+        expected, rel=1e-4, abs=1e-6
+    )
+    assert diff.kl.count[: len(expected)] == [
+        sum(t < len(k) for k in per_pair) for t in range(len(expected))
+    ]
+    assert all(math.isnan(v) for v in diff.kl.mean[len(expected) :])
     assert diff.kl.count[0] == 2 and diff.n_pairs == 2
 
 
@@ -66,8 +83,19 @@ def test_measure_positional_leaves_grads_untouched(tiny_llama, tiny_tokenizer) -
     assert not any(math.isnan(v) for v in result["loss"][:longest]) and math.isnan(
         result["loss"][longest]
     )
-    assert all(g > 0 for g in result["grad_norm"])
     assert all(p.grad is None for p in tiny_llama.parameters())
+    # each bucket's gradient norm, again pair by pair without padding
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
+    for k, (a, b) in enumerate([(0, 1), (1, 4), (4, 64)]):
+        losses = []
+        for prompt, response in encoded:
+            logits = tiny_llama(torch.tensor([prompt + response])).logits[0]
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1)
+            nll = -logp[torch.arange(len(response)), torch.tensor(response)]
+            losses.append(nll[a:b])
+        grads = torch.autograd.grad(torch.cat(losses).mean(), params, allow_unused=True)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
+        assert result["grad_norm"][k] == pytest.approx(norm.item(), rel=1e-4), (a, b)
 
 
 def test_consistency_cases_and_scores(tiny_llama, tiny_tokenizer) -> None:
@@ -150,4 +178,4 @@ def test_cli_kl_consistency_positional(
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "positional_grad.png").is_file()
-    assert load_model(str(aligned_dir)).model is not None
+    assert (tmp_path / "positional_loss.png").is_file()

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from guard import load_model
+from training.cli import app
+from training.common.benign import clean_gsm8k_answer
+from training.common.harmful_split import default_harmful_split
 from training.data import normalize_text
-from training.finetune import build_sft_examples, clean_gsm8k_answer, drop_long
-from training.finetune.cli import app
-from training.splits_default import default_harmful_split
+from training.dynamics.positional import DEFAULT_EDGES, measure_positional
+from training.dynamics.teacher import encode_pairs
+from training.finetune import build_sft_examples, drop_long
+from training.finetune.align import (
+    AlignConfig,
+    _positional_examples,
+    alignment_examples,
+    load_trainable,
+)
 
 runner = CliRunner()
 
@@ -78,12 +89,24 @@ def test_align_full_finetune_end_to_end(tiny_model_dir: Path, tmp_path: Path) ->
     assert _changed(tiny_model_dir, out)
     record = json.loads((out / "trajguard_align.json").read_text())
     assert record["config"]["learning_rate"] == 1e-2 and record["config"]["lora"] is False
-    assert record["wall_time_s"] > 0 and record["global_steps"] >= 1
-    assert record["n_refusal"] + record["n_benign"] <= 11
+    # The run's own SFT set (6 refusals + 5 benign, minus those over 400 tokens), one epoch
+    # of batches of 4, measured before the first and after every step.
+    config = AlignConfig(**record["config"])
+    _, tokenizer, base = load_trainable(config)
+    examples = alignment_examples(config, tokenizer)
+    n_refusal = sum(e.kind == "refusal" for e in examples)
+    assert (record["n_refusal"], record["n_benign"]) == (n_refusal, len(examples) - n_refusal)
+    assert record["global_steps"] == math.ceil(len(examples) / 4)
+    assert record["wall_time_s"] >= record["train_runtime_s"] - 0.05  # training is part of it
     positional = json.loads((out / "positional.json").read_text())
     steps = [r["step"] for r in positional["records"]]
-    assert steps[0] == 0 and steps[-1] == record["global_steps"]
-    first = positional["records"][0]
+    assert steps == list(range(record["global_steps"] + 1))
+    first = positional["records"][0]  # step 0: the base model, measured again here
+    pairs = [(e.prompt, e.completion) for e in _positional_examples(examples, 2)]
+    encoded = encode_pairs(tokenizer, pairs, max_response_tokens=DEFAULT_EDGES[-1])
+    again = measure_positional(base, encoded, tokenizer.pad_token_id)
+    assert first["grad_norm"] == pytest.approx(again["grad_norm"], rel=1e-4, nan_ok=True)
+    assert first["loss"] == pytest.approx(again["loss"], rel=1e-5, nan_ok=True)
     assert len(first["grad_norm"]) == len(positional["buckets"]) and first["grad_norm"][0] > 0
     assert (out / "positional_loss.png").stat().st_size > 0 and (
         out / "positional_grad.png"

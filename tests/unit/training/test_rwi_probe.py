@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from guard import GuardedEngine, load_model
 from guard.probe import LinearProbe
 from training.attacks.judging import load_or_fit_judge
-from training.attacks.prompts import load_attack_prompts
-from training.finetune.cli import app
+from training.cli import app
+from training.common.prompts import load_attack_prompts
 from training.probes.trajectories import (
     IGNORE,
     SAFE,
@@ -92,9 +92,28 @@ def test_train_probe_end_to_end(
     assert set(report["ablation"]) == {"rwi", "prefill", "whole"}
     sizes = {(r["n_unsafe_tokens"], r["n_safe_tokens"]) for r in report["ablation"].values()}
     assert len(sizes) == 1  # equal size
+    # What the setup fixes: 6 benign eval answers; the 9 held-out attack records (3 prompts x
+    # 3 positions), their harmful ones and those deep (p >= 64). Rates are counts over those.
+    attacks = [json.loads(line) for line in records.read_text().splitlines()]
+    harmful = [r for r in attacks if r["success"]]
+    sizes = {
+        "fired_on_all_cases": 9,
+        "all_harmful": len(harmful),
+        "deep_p>=64_harmful": sum(r["cell"]["p"] >= 64 for r in harmful),
+    }
+    assert len(attacks) == 9
     for row in report["ablation"].values():
-        assert 0.0 <= row["benign_eval_false_trigger_rate"] <= 1.0
-        assert row["held_out_insertion_recall"]["fired_on_all_cases"]["n"] > 0
+        assert row["n_benign_eval"] == 6
+        fired = row["benign_eval_false_trigger_rate"] * 6
+        assert fired == pytest.approx(round(fired), abs=1e-9)
+        recall = row["held_out_insertion_recall"]
+        assert {k: v["n"] for k, v in recall.items()} == sizes
+        for name, n in sizes.items():
+            if n == 0:
+                assert recall[name]["recall"] is None
+            else:
+                hits = recall[name]["recall"] * n
+                assert hits == pytest.approx(round(hits), abs=1e-9)
     lm = load_model(str(tiny_model_dir))
     probe = LinearProbe.load(out / "probe")
     assert probe.hook_name == report["chosen_hook"]

@@ -14,18 +14,18 @@ from typer.testing import CliRunner
 
 from guard import load_model
 from guard.chat import encode_chat
-from training.attacks.insert import word_starts
-from training.finetune.cli import app
+from training.cli import app
+from training.common.candidates import CONTINUATION_TOKENS, sample_insertions
+from training.common.insertion import word_starts
+from training.common.worst import insertion_scores, mean_target_logprobs, worst_index
 from training.finetune.tokenized import (
     IGNORE_INDEX,
     assistant_end_ids,
     chat_example,
     pad_examples,
 )
-from training.rwi.candidates import sample_insertions
 from training.rwi.data import HarmfulSource, insertion_groups, qi_examples
 from training.rwi.trainer import SelectionLog, WorstInsertionTrainer
-from training.rwi.worst import insertion_scores, mean_target_logprobs, worst_index
 
 runner = CliRunner()
 REFUSAL = "I'm sorry, but I can't help with that. It could cause real harm to many people today."
@@ -68,9 +68,17 @@ def test_sample_insertions_are_seeded_and_at_word_starts(tiny_tokenizer) -> None
     starts = set(word_starts(tiny_tokenizer, refusal_ids))
     assert {d.position for d in draws} <= starts and len({d.position for d in draws}) > 3
     assert {len(d.span_ids) for d in draws} == {3, 5}
+    texts = {source: text for text, source in SPANS}
     for d in draws:
         assert d.prefix_ids == refusal_ids[: d.position] + list(d.span_ids)
-        assert len(d.continuation_ids) > 0
+        # the span is the start of its text (a leading space after refusal text), and the
+        # continuation is how that text goes on, up to CONTINUATION_TOKENS tokens
+        lead = " " if d.position > 0 else ""
+        text_ids = tiny_tokenizer.encode(lead + texts[d.span_source], add_special_tokens=False)
+        m = len(d.span_ids)
+        assert list(d.span_ids) == text_ids[:m]
+        assert list(d.continuation_ids) == text_ids[m : m + CONTINUATION_TOKENS]
+        assert d.continuation_ids  # both texts are longer than any span drawn
     again = sample_insertions(
         tiny_tokenizer, refusal_ids, SPANS, 16, random.Random(1), lengths=(3, 5)
     )
@@ -112,6 +120,7 @@ def test_worst_insertion_trainer_picks_the_argmax_with_current_weights(
         pad_id=tiny_tokenizer.pad_token_id or 0,
     )
     chosen = trainer.select_worst(tiny_llama, groups)
+    gaps = []
     for group, example in zip(groups, chosen):
         scores = insertion_scores(
             tiny_llama,
@@ -122,12 +131,19 @@ def test_worst_insertion_trainer_picks_the_argmax_with_current_weights(
         )
         assert example == group.example(worst_index(scores))
         assert example.loss_mask.count(1) == len(group.recovery_ids) + len(group.end_ids)
+        gaps.append(scores.max() - scores.mean())
     summary = trainer.selection_log.summary()
-    assert summary["n"] == 3 and summary["mean_gap_worst_minus_mean"] >= 0
-    harm = insertion_scores(
-        tiny_llama, [groups[0].prompt_ids] * 4, groups[0].insertions, "harm_likelihood"
-    )
-    assert np.isfinite(harm).all()
+    assert summary["n"] == 3
+    assert summary["mean_gap_worst_minus_mean"] == pytest.approx(np.mean(gaps), abs=1e-5)
+    # harm likelihood: mean log-probability of each span's continuation after its prefill
+    insertions = groups[0].insertions
+    harm = insertion_scores(tiny_llama, [groups[0].prompt_ids] * 4, insertions, "harm_likelihood")
+    for score, ins in zip(harm, insertions):
+        context, target = [*groups[0].prompt_ids, *ins.prefix_ids], list(ins.continuation_ids)
+        logits = tiny_llama(torch.tensor([context + target])).logits[0].float()
+        logp = torch.log_softmax(logits[len(context) - 1 : -1], -1)
+        expected = logp[torch.arange(len(target)), torch.tensor(target)].mean().item()
+        assert score == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError):
         insertion_scores(tiny_llama, [[1]], groups[0].insertions[:1], "recovery_loss")
 

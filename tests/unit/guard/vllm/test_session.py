@@ -7,6 +7,7 @@ import math
 import pytest
 
 from guard.config import MonitorConfig, PolicyConfig
+from guard.errors import ConfigError
 from guard.monitor import StepMonitor
 from guard.vllm.session import PROMPT_INDEX, RequestGuard
 from guard.vllm.settings import PluginSettings, RequestOptions, parse_address
@@ -193,3 +194,37 @@ def test_parse_address_rejects(bad):
 def test_resample_is_not_an_in_engine_policy():
     with pytest.raises(ValueError):
         PluginSettings.from_env({"TRAJGUARD_POLICY": "resample"})
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_unusable_score_fails_closed_like_every_backend(bad):
+    guard, output = make_guard(RequestOptions(mode="guard", key="k"))
+    tokens, events = decode(guard, output, [0.0, 0.1, bad] + [0.0] * 4)
+    assert tokens[:2] == [7, 7] and tokens[2 : 2 + len(REFUSAL) + 1] == [*REFUSAL, EOS]
+    assert guard.stopped and [e.action for e in events if e.action] == ["stop"]
+
+
+def test_unusable_score_is_recorded_unscored_when_allowed():
+    output: list[int] = []
+    guard = RequestGuard(
+        RequestOptions(mode="guard"),
+        output,
+        monitor=MonitorConfig(),
+        policy=PolicyConfig(),
+        threshold=0.5,
+        recovery_ids=RECOVERY,
+        refusal_ids=REFUSAL,
+        eos_id=EOS,
+        on_monitor_error="allow",
+    )
+    tokens, _ = decode(guard, output, [0.0, 0.1, math.nan, 0.1])
+    assert tokens == [7, 7, 7, 7] and not guard.stopped
+    assert math.isnan(guard.monitor.trace[1])
+
+
+def test_plugin_settings_read_on_monitor_error():
+    assert PluginSettings.from_env({}).on_monitor_error == "block"
+    env = {"TRAJGUARD_ON_MONITOR_ERROR": "allow"}
+    assert PluginSettings.from_env(env).on_monitor_error == "allow"
+    with pytest.raises(ConfigError):
+        PluginSettings.from_env({"TRAJGUARD_ON_MONITOR_ERROR": "maybe"})

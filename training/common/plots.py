@@ -1,4 +1,4 @@
-"""PNG figures (matplotlib, Agg canvas, no global pyplot state) shared by attacks and dynamics."""
+"""PNG figures (matplotlib, Agg canvas, no global pyplot state) shared by the training features."""
 
 from __future__ import annotations
 

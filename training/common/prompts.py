@@ -7,9 +7,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.common.harmful_split import DEFAULT_SPLIT_SEED, default_harmful_behaviors, split_part
 from training.data import HarmfulBehavior, load_prompt_file, normalize_text
 from training.data.loaders import PathLike
-from training.splits_default import DEFAULT_SPLIT_SEED, default_harmful_behaviors, split_part
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import pytest
 
 from guard.errors import ConfigError
 from guard.vllm.channel import probe_digest
-from server.upstream import _same_probe, upstream_events_address
+from server.upstream_scores import same_probe, upstream_events_address
 from tests.helpers import fitted_probe
 
 
@@ -28,7 +28,7 @@ def test_only_a_hello_naming_the_same_probe_is_trusted():
         "hook_name": probe.hook_name,
         "probe_digest": probe_digest(probe.coef_, probe.intercept_),
     }
-    assert _same_probe(hello, probe)
-    assert not _same_probe(hello, other)  # same hook, other weights
-    assert not _same_probe({**hello, "hook_name": "blocks.0.hook_resid_post"}, probe)
-    assert not _same_probe(None, probe)
+    assert same_probe(hello, probe)
+    assert not same_probe(hello, other)  # same hook, other weights
+    assert not same_probe({**hello, "hook_name": "blocks.0.hook_resid_post"}, probe)
+    assert not same_probe(None, probe)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from training.attacks.insert import span_ids, word_starts
+from training.common.insertion import span_ids, word_starts
 
 DEFAULT_SPAN_LENGTHS: tuple[int, ...] = (4, 8, 16, 32)
 CONTINUATION_TOKENS = 16

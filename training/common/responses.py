@@ -17,8 +17,8 @@ from pathlib import Path
 
 from guard import GuardedEngine, LoadedModel, SamplingParams, encode_chat
 from guard.models import model_fingerprint, trajguard_home
-from training.attacks.generation import generate_requests
-from training.attacks.prompts import AttackPrompt
+from training.common.generation import generate_requests
+from training.common.prompts import AttackPrompt
 from training.data import load_derta_pairs, load_jbb_artifacts, normalize_text
 from training.data.loaders import PathLike
 

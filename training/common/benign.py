@@ -1,14 +1,16 @@
-"""Benign prompt sets for probes, disjoint by role: probe training, calibration, evaluation.
+"""Benign prompt sets, disjoint by role (probe training, calibration, evaluation), and answers.
 
 Probe training uses reference answers (self-instruct, GSM8K train, XSTest safe prompts with
 compliant GPT-4 answers). Calibration and evaluation use the *model's own* answers to
 held-out benign prompts (XSTest safe prompts and GSM8K test questions), which is what the
-guard sees when it serves.
+guard sees when it serves. GSM8K reference answers are cleaned by
+:func:`clean_gsm8k_answer` wherever they are trained on or scored.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from training.data import (
@@ -18,6 +20,9 @@ from training.data import (
     load_xstest_prompts,
 )
 from training.data.loaders import PathLike
+
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +62,12 @@ def benign_sets(
     references = [(b.prompt, b.answer) for b in load_self_instruct(data_dir) if b.answer]
     references += [(b.prompt, b.answer) for b in rng.sample(load_gsm8k(data_dir), 100)]
     return BenignSets(compliant + references, cal_x + cal_g, eval_x + eval_g)
+
+
+def clean_gsm8k_answer(answer: str) -> str:
+    """Drop GSM8K calculator annotations and turn ``#### 72`` into "The answer is 72."."""
+    text = _CALCULATOR.sub("", answer)
+    match = _FINAL.search(text)
+    if match:
+        text = text[: match.start()].rstrip() + f"\nThe answer is {match.group(1)}."
+    return text.strip()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from training.rwi.candidates import Insertion
+from training.common.candidates import Insertion
 
 CRITERIA: tuple[str, ...] = ("recovery_loss", "harm_likelihood")
 
