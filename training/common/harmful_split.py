@@ -1,8 +1,12 @@
 """THE project's harmful-prompt split: AdvBench + HarmBench val + JBB behaviours.
 
 Every training script (safety SFT, probes, RWI) takes its harmful prompts from ``train`` and
-every attack evaluates on ``test``; near-duplicates never straddle the two (see
-:func:`training.data.split_prompts`).
+every attack evaluates on ``test``. Near-duplicates never straddle the parts (see
+:func:`training.data.split_prompts`), and neither do rewordings: a dev or test prompt that
+asks for the same thing as a train prompt in other words
+(:func:`training.data.paraphrase.paraphrase_similarity`) moves to train, and a test prompt
+that rewords a dev prompt moves to dev. Prompts only ever leave the evaluation parts, so
+whatever was fitted on an earlier, larger-looking test part's complement stays held out.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from training.data import (
     split_prompts,
 )
 from training.data.loaders import PathLike
+from training.data.paraphrase import REWORDING_THRESHOLD, paraphrase_similarity
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,8 @@ def default_harmful_behaviors(data_dir: PathLike = None) -> list[HarmfulBehavior
 def default_harmful_split(
     data_dir: PathLike = None, *, seed: int = DEFAULT_SPLIT_SEED
 ) -> Splits[HarmfulBehavior]:
-    """Split :func:`default_harmful_behaviors` 70/10/20 by near-duplicate group.
+    """Split :func:`default_harmful_behaviors` 70/10/20 by near-duplicate group, rewordings
+    of train (dev) prompts moved out of dev and test (test) — see the module docstring.
 
     Args:
         data_dir: Data directory override.
@@ -50,7 +56,7 @@ def default_harmful_split(
     Returns:
         Train, dev and test behaviours; no test prompt has a near-duplicate in train.
     """
-    splits = split_prompts(default_harmful_behaviors(data_dir), seed=seed)
+    splits = without_rewordings(split_prompts(default_harmful_behaviors(data_dir), seed=seed))
     logger.info(
         "default harmful split (seed %d): %d/%d/%d",
         seed,
@@ -59,6 +65,34 @@ def default_harmful_split(
         len(splits.test),
     )
     return splits
+
+
+def without_rewordings(
+    splits: Splits[HarmfulBehavior], *, threshold: float = REWORDING_THRESHOLD
+) -> Splits[HarmfulBehavior]:
+    """Move dev/test prompts that reword a train prompt to train, and test prompts that
+    reword a dev prompt to dev, until none is left (order kept; train and dev only grow).
+
+    The IDF is fitted once on every prompt, so a pair scores the same whatever part its
+    prompts sit in.
+    """
+    parts = [list(splits.train), list(splits.dev), list(splits.test)]
+    corpus = [b.prompt for part in parts for b in part]
+    moved = True
+    while moved:
+        moved = False
+        for source, target in ((1, 0), (2, 0), (2, 1)):  # dev->train, test->train, test->dev
+            sims = paraphrase_similarity(
+                [b.prompt for b in parts[source]],
+                [b.prompt for b in parts[target]],
+                corpus=corpus,
+            )
+            move = (sims >= threshold).tolist()
+            if any(move):
+                moved = True
+                parts[target] += [b for b, m in zip(parts[source], move) if m]
+                parts[source] = [b for b, m in zip(parts[source], move) if not m]
+    return Splits(*(tuple(part) for part in parts))
 
 
 def split_part(

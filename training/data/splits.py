@@ -112,10 +112,17 @@ def max_similarity(texts: Sequence[str], references: Sequence[str]) -> np.ndarra
     if not keep or not refs:
         return best
     vectors = _char_ngram_vectors([*refs, *(normalised[i] for i in keep)])
-    ref_vectors, text_vectors = vectors[: len(refs)], vectors[len(refs) :]
+    best[keep] = best_cosine(vectors[len(refs) :], vectors[: len(refs)])
+    return best
+
+
+def best_cosine(text_vectors: sp.csr_matrix, ref_vectors: sp.csr_matrix) -> np.ndarray:
+    """Largest dot product of each (L2-normalised) text row with any reference row, in
+    blocks of rows so memory stays at ``_BLOCK x n_refs``; ``[n_texts]``."""
+    best = np.zeros(text_vectors.shape[0])
     for start in range(0, text_vectors.shape[0], _BLOCK):
         sims = (text_vectors[start : start + _BLOCK] @ ref_vectors.T).toarray()  # [block, n_refs]
-        best[keep[start : start + _BLOCK]] = sims.max(axis=1)
+        best[start : start + _BLOCK] = sims.max(axis=1)
     return best
 
 

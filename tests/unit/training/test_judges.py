@@ -451,7 +451,7 @@ def test_attack_judge_config_lists_sources_and_is_cached(
     fit_inputs: list[list[str]],
     isolated_home: Path,
 ) -> None:
-    judge = judging.load_or_fit_judge(C_grid=(1.0,))
+    judge = judging.load_or_fit_judge(C_grid=(1.0,), exclude_prompts=[EXTRA_EVAL_PROMPT])
     (saved,) = (isolated_home / "judges").iterdir()
     config = json.loads((saved / "config.json").read_text())
     training = config["training"]
@@ -465,7 +465,7 @@ def test_attack_judge_config_lists_sources_and_is_cached(
     assert training["C_selection"]["grid"] == [1.0] and training["C"] == 1.0
     assert len(training["C_selection"]["dev_f1"]) == 1
     n_fits = len(fit_inputs)
-    again = judging.load_or_fit_judge(C_grid=(1.0,))
+    again = judging.load_or_fit_judge(C_grid=(1.0,), exclude_prompts=[EXTRA_EVAL_PROMPT])
     assert len(fit_inputs) == n_fits  # loaded from the cache, not refitted
     assert again.report == judge.report
 
