@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from guard.adapters import ALIGNED, ensure_merged, save_model_dir, shipped_adapter
 from guard.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -85,28 +83,24 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     fresh.generation_config.eos_token_id = tokenizer.eos_token_id
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _CONVERTED_MARKER).write_text(
-            json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size})
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    marker = {"gguf": str(gguf), "size": gguf.stat().st_size}
+    return save_model_dir(fresh, tokenizer, out_dir, {_CONVERTED_MARKER: marker})
 
 
 def resolve_model_path(model: str) -> Path | str:
     """Map an alias, directory or HF id to something ``from_pretrained`` accepts.
 
-    Embedded aliases are converted on first use; local directories are returned as paths;
-    anything else is returned unchanged as an HF id (loaded from the local HF cache).
+    Embedded aliases are converted on first use; aligned aliases (``guard.adapters``) get
+    their base resolved and their shipped LoRA merged on first use; local directories are
+    returned as paths; anything else is returned unchanged as an HF id (local HF cache).
     """
+    if model in ALIGNED:
+        adapter = shipped_adapter(model)  # fails fast (not shipped) before converting the base
+        base = resolve_model_path(ALIGNED[model].base)
+        if not isinstance(base, Path):
+            raise ModelNotFoundError(f"base {base!r} of aligned model {model!r} is not local")
+        target = trajguard_home() / "models" / model
+        return ensure_merged(base, adapter, target, base_name=ALIGNED[model].base)
     if model in _EMBEDDED:
         target = trajguard_home() / "models" / model
         if not (target / _CONVERTED_MARKER).is_file():
@@ -151,7 +145,8 @@ def load_model(
         )
     except OSError as exc:
         raise ModelNotFoundError(
-            f"could not load model {model!r}: not an embedded alias ({', '.join(_EMBEDDED)}), "
+            f"could not load model {model!r}: not an embedded alias "
+            f"({', '.join([*_EMBEDDED, *ALIGNED])}), "
             f"not a local directory, and not in the local Hugging Face cache"
             + ("" if allow_download else " (downloads are off: set TRAJGUARD_ALLOW_DOWNLOAD=1)")
         ) from exc

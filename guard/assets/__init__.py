@@ -29,3 +29,11 @@ def probe_dir_for(model: str) -> Path:
     if model != DEFAULT_MODEL:
         raise ConfigError(f"--probe is required for models other than {DEFAULT_MODEL}")
     return default_probe_dir()
+
+
+ADAPTERS_DIR = Path(__file__).parent / "adapters"
+
+
+def shipped_adapter_dir(name: str) -> Path:
+    """Directory of a LoRA adapter shipped inside the package (may not exist yet)."""
+    return ADAPTERS_DIR / name

@@ -17,10 +17,12 @@ from training.attacks.direct import run_direct
 from training.attacks.harness import AttackConfig, AttackReport
 from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, REFUSAL_SOURCES, run_insert
 from training.attacks.prefill import DEFAULT_KS, run_prefill
+from training.attacks.traffic import DEFAULT_SOURCES, run_traffic
 from training.attacks.worst_insert import run_worst_insert
 from training.common.candidates import DEFAULT_SPAN_LENGTHS
 from training.common.insertion import parse_positions
 from training.common.worst import CRITERIA
+from training.data import BENIGN_SOURCES
 
 app = typer.Typer(
     no_args_is_help=True, help="Attack a model (optionally guarded) and judge the outputs."
@@ -234,6 +236,52 @@ def benign(
     """Benign side: over-refusal on XSTest safe prompts, false triggers, utility log-likelihood."""
     summary = run_benign(_config("benign", locals()), n_eval=n_eval, n_utility=n_utility)
     console.print({k: v for k, v in summary.items() if k != "config"})
+
+
+@app.command()
+def traffic(
+    n_per_source: Annotated[int, typer.Option(min=1, help="Prompts sampled per source.")] = 25,
+    sources: Annotated[
+        str, typer.Option(help="Comma-separated benign sources (training.data.BENIGN_SOURCES).")
+    ] = ",".join(DEFAULT_SOURCES),
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path("runs/attack"),
+    probe: Probe = None,
+    policy: Policy = "rollback",
+    strict_probe: StrictProbe = True,
+    max_tokens: MaxTokens = 128,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    data_dir: DataDir = None,
+) -> None:
+    """Ordinary traffic: false triggers and over-refusal per benign source (95 % CIs)."""
+    names = [s.strip() for s in sources.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(BENIGN_SOURCES))
+    if unknown or not names:
+        raise typer.BadParameter(
+            f"unknown source(s) {unknown}; choose from {', '.join(BENIGN_SOURCES)}",
+            param_hint="--sources",
+        )
+    config = _config("traffic", locals())
+    summary = run_traffic(config, sources=names, n_per_source=n_per_source)
+    table = Table(title=f"traffic: {model}")
+    for column in ("source", "n", "false trigger", "over-refusal", "median peak"):
+        table.add_column(column)
+    for name, row in [*summary["by_source"].items(), ("pooled", summary["pooled"])]:
+        ft, orf = row["false_trigger"], row["over_refusal"]
+        peak = row["median_peak_score"]
+        table.add_row(
+            name,
+            str(row["n"]),
+            "-" if ft is None else f"{ft['rate']:.3f} [{ft['low']:.3f}, {ft['high']:.3f}]",
+            f"{orf['rate']:.3f} [{orf['low']:.3f}, {orf['high']:.3f}]",
+            "-" if peak is None else f"{peak:.4f}",
+        )
+    console.print(table)
+    pooled = summary["pooled"]["false_trigger"]
+    if pooled is not None:
+        print(f"traffic false-trigger rate: {pooled['rate']:.4f}")
 
 
 def _ints(text: str, hint: str) -> list[int]:

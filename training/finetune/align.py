@@ -4,6 +4,13 @@ The output directory is a plain HF checkpoint (safetensors + tokenizer, no
 ``quantization_config``) that ``guard.load_model(dir)`` and ``vllm serve`` load as-is, plus
 ``trajguard_align.json`` (the config, data counts, losses and wall time). The same command
 runs under ``accelerate launch`` for multi-GPU data parallelism.
+
+The training set is chosen by ``mix`` (:mod:`training.finetune.mix`): since the benign mix
+was added the default is ``"default"`` (refusals + look-alike compliance + varied benign
+answers, :data:`~training.finetune.mix.DEFAULT_MIX`); ``"legacy"`` rebuilds the original
+refusals + self-instruct + GSM8K set exactly. The record's ``config`` holds the resolved
+per-source counts (``benign_mix``), so ``AlignConfig(**record["config"])`` rebuilds the
+run's examples even if the default mix changes later.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +31,8 @@ from trl import SFTConfig, SFTTrainer
 from guard import DEFAULT_MODEL, __version__
 from guard.models import resolve_model_path
 from training.dynamics.positional import PositionalDynamicsCallback
-from training.finetune.sft_data import SFTExample, build_sft_examples, drop_long
+from training.finetune.mix import BenignMix, build_mixed_examples, resolve_mix
+from training.finetune.sft_data import SFTExample, build_sft_examples, drop_long, fits_length
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +64,17 @@ class AlignConfig:
         lora_dropout: LoRA dropout.
         lora_targets: Modules to adapt (``all-linear`` or comma-separated names).
         n_harmful: Harmful train prompts (refusal targets); ``None``: the whole train split.
-        n_self_instruct: Self-instruct benign examples; ``None``: all that fit.
-        n_gsm8k: GSM8K benign examples.
+        n_self_instruct: Self-instruct benign examples; ``None``: all that fit (legacy mix).
+        n_gsm8k: GSM8K benign examples (legacy mix).
         refusal_styles: Refusal length classes drawn from the pool.
-        max_answer_words: Longest benign answer kept.
+        max_answer_words: Longest benign answer kept (legacy mix; a benign mix has its own
+            ``max_answer_words``).
+        mix: Training set: ``default`` (since the benign mix: refusals + look-alike
+            compliance + varied benign answers), ``legacy`` (refusals + self-instruct +
+            GSM8K, the set before it) or ``custom`` (``benign_mix`` given).
+        benign_mix: Per-source counts and answer budget of the benign part
+            (:class:`~training.finetune.mix.BenignMix` as a dict); filled from ``mix`` when
+            not given, ``None`` for ``legacy``. Recorded, so a run rebuilds from its record.
         split_seed: Seed of the default harmful split.
         data_dir: Offline data directory override.
         positional_every: Record per-position loss/grad every this many steps (0: off).
@@ -90,12 +106,17 @@ class AlignConfig:
     n_gsm8k: int = 150
     refusal_styles: list[str] = field(default_factory=lambda: ["short", "medium"])
     max_answer_words: int = 100
+    mix: str = "default"
+    benign_mix: dict[str, int] | None = None
     split_seed: int = 0
     data_dir: str | None = None
     positional_every: int = 10
     positional_n: int = 4
     logging_steps: int = 5
     max_steps: int = -1
+
+    def __post_init__(self) -> None:
+        self.benign_mix = resolve_mix(self.mix, self.benign_mix)
 
 
 @dataclass
@@ -108,6 +129,7 @@ class AlignResult:
     global_steps: int
     n_refusal: int
     n_benign: int
+    n_by_source: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -123,6 +145,7 @@ class AlignResult:
             global_steps=int(train_output.global_step),
             n_refusal=n_refusal,
             n_benign=len(examples) - n_refusal,
+            n_by_source=dict(sorted(Counter(f"{e.kind}/{e.source}" for e in examples).items())),
         )
 
 
@@ -143,7 +166,22 @@ def peft_config(config: AlignConfig) -> Any:
 
 
 def alignment_examples(config: AlignConfig, tokenizer) -> list[SFTExample]:
-    """Refusals + benign utility anchor of ``config``, without examples over ``max_length``."""
+    """Refusals + benign part of ``config``, without examples over ``max_length`` tokens.
+
+    The one builder of every recipe's fixed examples (``align``, ``qi`` and ``rwi``), so the
+    same config, seed and tokenizer give the same examples. A benign mix draws per-source
+    counts exactly (long examples are skipped while drawing); ``legacy`` drops them after.
+    """
+    if config.benign_mix is not None:
+        return build_mixed_examples(
+            BenignMix.from_dict(config.benign_mix),
+            n_harmful=config.n_harmful,
+            refusal_styles=config.refusal_styles,
+            seed=config.seed,
+            split_seed=config.split_seed,
+            data_dir=config.data_dir,
+            fits=lambda e: fits_length(tokenizer, e, config.max_length),
+        )
     examples = build_sft_examples(
         n_harmful=config.n_harmful,
         n_self_instruct=config.n_self_instruct,
@@ -292,6 +330,7 @@ def write_run_record(
         "global_steps": result.global_steps,
         "n_refusal": result.n_refusal,
         "n_benign": result.n_benign,
+        "n_by_source": result.n_by_source,
         "log_history": trainer.state.log_history,
         "trajguard_version": __version__,
         "world_size": trainer.args.world_size,

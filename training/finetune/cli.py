@@ -14,6 +14,7 @@ import typer
 from guard import DEFAULT_MODEL
 from training.dynamics.positional import plot_positional
 from training.finetune.align import POSITIONAL_FILE, AlignConfig, run_align
+from training.finetune.mix import MIX_NAMES, BenignMix
 
 _D = AlignConfig()
 
@@ -28,8 +29,27 @@ Lora = Annotated[bool, typer.Option(help="Train a LoRA adapter (merged on save).
 NHarmful = Annotated[int, typer.Option(help="Harmful train prompts; -1: the whole train split.")]
 DataDir = Annotated[str | None, typer.Option(envvar="TRAJGUARD_DATA")]
 MaxSteps = Annotated[int, typer.Option(help="-1: run the epochs.")]
-NSelfInstruct = Annotated[int, typer.Option(help="Self-instruct examples; -1: all.")]
-NGsm8k = Annotated[int, typer.Option(min=0)]
+NSelfInstruct = Annotated[int, typer.Option(help="Self-instruct examples, legacy mix; -1: all.")]
+NGsm8k = Annotated[int, typer.Option(min=0, help="GSM8K examples, legacy mix.")]
+Mix = Annotated[
+    str,
+    typer.Option(
+        help="Training set: default (refusals + look-alike compliance + varied benign answers), "
+        "legacy (refusals + self-instruct + GSM8K), or benign counts source=n,... "
+        "(coconot_pref, arena_hard, gpteacher_roleplay, gpteacher_code, self_instruct, gsm8k, "
+        "max_answer_words; sources not named: 0)."
+    ),
+]
+
+
+def mix_options(mix: str) -> dict[str, object]:
+    """``mix`` and ``benign_mix`` of a config from a ``--mix`` value (name or counts)."""
+    if mix in MIX_NAMES and mix != "custom":
+        return {"mix": mix, "benign_mix": None}
+    try:
+        return {"mix": "custom", "benign_mix": BenignMix.parse(mix).to_dict()}
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--mix") from err
 
 
 def align(
@@ -65,7 +85,10 @@ def align(
     refusal_styles: Annotated[
         str, typer.Option(help="Refusal classes: short,medium,long.")
     ] = "short,medium",
-    max_answer_words: Annotated[int, typer.Option(min=1)] = _D.max_answer_words,
+    max_answer_words: Annotated[
+        int, typer.Option(min=1, help="Longest benign answer, legacy mix.")
+    ] = _D.max_answer_words,
+    mix: Mix = _D.mix,
     split_seed: Annotated[
         int, typer.Option(help="Seed of the default harmful split.")
     ] = _D.split_seed,
@@ -84,6 +107,7 @@ def align(
     options["n_harmful"] = None if n_harmful < 0 else n_harmful
     options["n_self_instruct"] = None if n_self_instruct < 0 else n_self_instruct
     options["refusal_styles"] = [s.strip() for s in refusal_styles.split(",") if s.strip()]
+    options.update(mix_options(mix))
     result = run_align(AlignConfig(**options))
     if (result.out / POSITIONAL_FILE).is_file():
         plot_positional(result.out / POSITIONAL_FILE, result.out)

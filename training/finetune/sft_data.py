@@ -3,6 +3,11 @@
 Rows use TRL's conversational prompt-completion format (``{"prompt": [user message],
 "completion": [assistant message]}``), so ``SFTTrainer`` puts the loss on completion tokens
 only. Harmful prompts come from the train part of the default split only.
+
+:func:`build_sft_examples` is the ``legacy`` set (refusals + self-instruct + GSM8K train);
+the default training set adds a benign mix from the benign registry
+(:mod:`training.finetune.mix`) with the same refusals. Both are reached through
+:func:`training.finetune.align.alignment_examples`, the builder every recipe uses.
 """
 
 from __future__ import annotations

@@ -18,12 +18,14 @@ from training.finetune.cli import (
     LearningRate,
     Lora,
     MaxSteps,
+    Mix,
     Model,
     NGsm8k,
     NHarmful,
     NSelfInstruct,
     Out,
     Seed,
+    mix_options,
 )
 from training.rwi.run import AugmentedConfig, run_augmented
 
@@ -37,6 +39,7 @@ def _augmented(method: str, options: dict) -> None:
     options = {**options, "method": method, "out": str(options["out"])}
     for name in ("n_harmful", "n_self_instruct"):
         options[name] = None if options[name] < 0 else options[name]
+    options.update(mix_options(options["mix"]))
     if "span_lengths" in options:
         options["span_lengths"] = [int(m) for m in options["span_lengths"].split(",") if m.strip()]
     result = run_augmented(AugmentedConfig(**options))
@@ -68,6 +71,7 @@ def rwi(
     n_harmful: NHarmful = 200,
     n_self_instruct: NSelfInstruct = -1,
     n_gsm8k: NGsm8k = _A.n_gsm8k,
+    mix: Mix = _A.mix,
     writer: Writer = DEFAULT_MODEL,
     data_dir: DataDir = None,
 ) -> None:
@@ -93,6 +97,7 @@ def qi(
     n_harmful: NHarmful = 200,
     n_self_instruct: NSelfInstruct = -1,
     n_gsm8k: NGsm8k = _A.n_gsm8k,
+    mix: Mix = _A.mix,
     writer: Writer = DEFAULT_MODEL,
     data_dir: DataDir = None,
 ) -> None:

@@ -1,7 +1,9 @@
 """``trajguard train rwi`` and ``train qi``: safety SFT plus an insertion augmentation.
 
 Both start from the same base model as plain alignment and train on the same refusals and
-benign anchor with the same schedule; they add one augmented example per harmful prompt:
+benign part (:func:`~training.finetune.align.alignment_examples` of the same config: same
+``mix``, ``benign_mix`` and seed, so the same examples) with the same schedule; they add one
+augmented example per harmful prompt:
 
 - ``rwi`` (random worst-insertion): K random harmful insertions into a refusal, the worst
   one re-picked with the current weights every step, loss on the recovery that follows.

@@ -376,3 +376,27 @@ def test_a_guarded_engine_result_is_judged_without_its_recovery_text(
     guard_ids = [t for i, t in enumerate(result.token_ids) if not any(a <= i < b for a, b in spans)]
     assert tiny_tokenizer.decode(guard_ids) == "No way."
     assert sum(b - a for a, b in spans) == len(result.token_ids) - event.injected
+
+
+def test_cli_traffic_reports_false_triggers_per_source(tiny_model_dir, tmp_path) -> None:
+    always = fitted_probe(32, "blocks.1.hook_resid_post")
+    always.intercept_ = 100.0  # every token scores ~1: every guarded answer triggers
+    probe_dir = always.save(tmp_path / "probe")
+    args = [
+        "traffic", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--n-per-source", "2",
+        "--sources", "nq_open,mitre_frr", "--max-tokens", "4", "--probe", str(probe_dir),
+        "--no-strict-probe", "--policy", "stop",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "traffic_summary.json").read_text())
+    assert list(summary["by_source"]) == ["nq_open", "mitre_frr"]
+    for row in summary["by_source"].values():
+        assert row["n"] == 2 and row["false_trigger"]["successes"] == 2
+    pooled = summary["pooled"]["false_trigger"]
+    assert (pooled["successes"], pooled["n"]) == (4, 4)
+    rows = _rows(tmp_path, "traffic")
+    assert [r["source"] for r in rows] == ["nq_open"] * 2 + ["mitre_frr"] * 2
+    assert result.output.strip().splitlines()[-1] == "traffic false-trigger rate: 1.0000"
+    bad = runner.invoke(app, ["traffic", "--sources", "nope", "--model", str(tiny_model_dir)])
+    assert bad.exit_code != 0 and "unknown source" in bad.output

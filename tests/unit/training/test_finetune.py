@@ -63,11 +63,15 @@ def test_drop_long(tiny_tokenizer) -> None:
     )["input_ids"]) <= 200 for e in kept)  # fmt: skip
 
 
-def _align(model_dir: Path, out: Path, *extra: str) -> None:
+# A small benign mix (the default one is 600 examples): 5 benign of four sources.
+SMALL_MIX = "coconot_pref=2,arena_hard=1,gpteacher_roleplay=1,gsm8k=1"
+
+
+def _align(model_dir: Path, out: Path, *extra: str, mix: str = SMALL_MIX) -> None:
     args = [
         "align", "--model", str(model_dir), "--out", str(out), "--n-harmful", "6", "--n-self-instruct", "3",
         "--n-gsm8k", "2", "--epochs", "1", "--batch-size", "4", "--max-length", "400", "--lr", "1e-2",
-        "--positional-every", "1", "--positional-n", "2", *extra,
+        "--positional-every", "1", "--positional-n", "2", "--mix", mix, *extra,
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -89,13 +93,23 @@ def test_align_full_finetune_end_to_end(tiny_model_dir: Path, tmp_path: Path) ->
     assert _changed(tiny_model_dir, out)
     record = json.loads((out / "trajguard_align.json").read_text())
     assert record["config"]["learning_rate"] == 1e-2 and record["config"]["lora"] is False
-    # The run's own SFT set (6 refusals + 5 benign, minus those over 400 tokens), one epoch
-    # of batches of 4, measured before the first and after every step.
+    assert record["config"]["mix"] == "custom"
+    assert record["config"]["benign_mix"]["coconot_pref"] == 2
+    # The run's own SFT set (6 refusals minus those over 400 tokens + exactly 5 benign),
+    # rebuilt from the recorded config, one epoch of batches of 4, measured before the first
+    # and after every step.
     config = AlignConfig(**record["config"])
     _, tokenizer, base = load_trainable(config)
     examples = alignment_examples(config, tokenizer)
     n_refusal = sum(e.kind == "refusal" for e in examples)
-    assert (record["n_refusal"], record["n_benign"]) == (n_refusal, len(examples) - n_refusal)
+    assert (record["n_refusal"], record["n_benign"]) == (n_refusal, 5)
+    assert len(examples) - n_refusal == 5
+    assert {k: v for k, v in record["n_by_source"].items() if k.startswith("benign/")} == {
+        "benign/coconot_pref": 2,
+        "benign/arena_hard": 1,
+        "benign/gpteacher_roleplay": 1,
+        "benign/gsm8k": 1,
+    }
     assert record["global_steps"] == math.ceil(len(examples) / 4)
     assert record["wall_time_s"] >= record["train_runtime_s"] - 0.05  # training is part of it
     positional = json.loads((out / "positional.json").read_text())
@@ -115,7 +129,10 @@ def test_align_full_finetune_end_to_end(tiny_model_dir: Path, tmp_path: Path) ->
 
 def test_align_lora_is_merged(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "lora"
-    _align(tiny_model_dir, out, "--lora", "--lora-r", "4", "--positional-every", "0")
+    _align(tiny_model_dir, out, "--lora", "--lora-r", "4", "--positional-every", "0", mix="legacy")
+    record = json.loads((out / "trajguard_align.json").read_text())
+    assert record["config"]["mix"] == "legacy" and record["config"]["benign_mix"] is None
+    assert record["n_benign"] == 5  # 3 self-instruct + 2 GSM8K, none over 400 tokens
     assert not (out / "adapter_config.json").exists()
     assert not (out / "positional.json").exists()
     assert _changed(tiny_model_dir, out)

@@ -166,10 +166,11 @@ def test_qi_examples_mask_the_harmful_prefix(tiny_tokenizer) -> None:
         assert sum(e.loss_mask[: len(prompt) + k]) == 0 and all(e.loss_mask[len(prompt) + k :])
 
 
-def _train(command: str, model_dir: Path, out: Path, *extra: str) -> dict:
+def _train(command: str, model_dir: Path, out: Path, *extra: str, mix: str) -> dict:
     args = [
         command, "--model", str(model_dir), "--out", str(out), "--n-harmful", "4",
-        "--max-steps", "3", "--batch-size", "4", "--n-self-instruct", "2", "--n-gsm8k", "0", "--lr", "1e-2", "--writer", str(model_dir), *extra,
+        "--max-steps", "3", "--batch-size", "4", "--n-self-instruct", "2", "--n-gsm8k", "0", "--lr", "1e-2", "--writer", str(model_dir),
+        "--mix", mix, *extra,
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -183,8 +184,11 @@ def _train(command: str, model_dir: Path, out: Path, *extra: str) -> dict:
 
 def test_train_rwi_end_to_end(isolated_home, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "rwi"
-    record = _train("rwi", tiny_model_dir, out, "--k", "3", "--span-lengths", "4,8")
+    mix = "coconot_pref=1,self_instruct=1"
+    record = _train("rwi", tiny_model_dir, out, "--k", "3", "--span-lengths", "4,8", mix=mix)
     assert record["n_augmented"] == 4 and record["config"]["k"] == 3
+    assert record["config"]["mix"] == "custom" and record["n_benign"] == 2
+    assert record["n_by_source"]["benign/coconot_pref"] == 1
     selections = json.loads((out / "rwi_selection.json").read_text())
     assert selections and all(len(s["candidates"]) == 3 for s in selections)
     assert {s["chosen"]["m"] for s in selections} <= {4, 8}
@@ -192,8 +196,13 @@ def test_train_rwi_end_to_end(isolated_home, tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_train_qi_end_to_end(isolated_home, tiny_model_dir: Path, tmp_path: Path) -> None:
-    record = _train("qi", tiny_model_dir, tmp_path / "qi", "--max-prefix-tokens", "20")
+    record = _train(
+        "qi", tiny_model_dir, tmp_path / "qi", "--max-prefix-tokens", "20", mix="legacy"
+    )
     assert record["n_augmented"] == 4 and "selection" not in record
+    assert record["config"]["mix"] == "legacy" and record["config"]["benign_mix"] is None
+    benign = {k for k in record["n_by_source"] if k.startswith("benign/")}
+    assert benign <= {"benign/self_instruct"}  # legacy: 2 self-instruct, 0 GSM8K
 
 
 def test_train_rwi_rejects_bad_criterion(tiny_model_dir: Path, tmp_path: Path) -> None:
