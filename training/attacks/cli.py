@@ -22,7 +22,6 @@ from training.attacks.worst_insert import run_worst_insert
 from training.common.candidates import DEFAULT_SPAN_LENGTHS
 from training.common.insertion import parse_positions
 from training.common.worst import CRITERIA
-from training.data import BENIGN_SOURCES
 
 app = typer.Typer(
     no_args_is_help=True, help="Attack a model (optionally guarded) and judge the outputs."
@@ -242,7 +241,7 @@ def benign(
 def traffic(
     n_per_source: Annotated[int, typer.Option(min=1, help="Prompts sampled per source.")] = 25,
     sources: Annotated[
-        str, typer.Option(help="Comma-separated benign sources (training.data.BENIGN_SOURCES).")
+        str, typer.Option(help="Comma-separated benign sources with an evaluation part.")
     ] = ",".join(DEFAULT_SOURCES),
     model: Model = DEFAULT_MODEL,
     out: Out = Path("runs/attack"),
@@ -257,10 +256,10 @@ def traffic(
 ) -> None:
     """Ordinary traffic: false triggers and over-refusal per benign source (95 % CIs)."""
     names = [s.strip() for s in sources.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(BENIGN_SOURCES))
+    unknown = sorted(set(names) - set(DEFAULT_SOURCES))
     if unknown or not names:
         raise typer.BadParameter(
-            f"unknown source(s) {unknown}; choose from {', '.join(BENIGN_SOURCES)}",
+            f"unknown source(s) {unknown}; choose from {', '.join(DEFAULT_SOURCES)}",
             param_hint="--sources",
         )
     config = _config("traffic", locals())

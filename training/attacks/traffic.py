@@ -1,8 +1,9 @@
 """Ordinary traffic: how often the guard fires on, and the model refuses, benign prompts.
 
-Prompts come from every benign source of :mod:`training.data.benign_sources` (real user
-prompts, role-play, code, search questions, look-alike prompts that only sound harmful),
-a seeded sample per source. The model answers them guarded (long answers: real traffic is
+Prompts come from the evaluation part of every benign source
+(:func:`training.common.benign.benign_eval_prompts`: real user prompts, role-play, code,
+search questions, math, look-alike prompts that only sound harmful), a seeded sample per
+source; no training set of ours contains them. The model answers them guarded (long answers: real traffic is
 hundreds of tokens, and every token is a chance to fire), and each source gets its own
 false-trigger and over-refusal rate with a 95 % Wilson interval: a pooled rate hides the
 source where the guard fails. Nothing here fits or calibrates anything.
@@ -23,15 +24,16 @@ import numpy as np
 
 from guard import SamplingParams, encode_chat, load_model
 from training.attacks.harness import AttackConfig, build_engine
+from training.common.benign import TRAIN_ONLY_SOURCES, benign_eval_prompts
 from training.common.generation import generate_requests
 from training.common.stats import Rate
-from training.data import BENIGN_SOURCES, load_benign_prompts
+from training.data import BENIGN_SOURCES
 from training.judge import is_refusal
 
 logger = logging.getLogger(__name__)
 
-#: Sources measured by default: everything but GSM8K, whose answers are mostly arithmetic.
-DEFAULT_SOURCES: tuple[str, ...] = tuple(s for s in BENIGN_SOURCES if s != "gsm8k")
+#: Sources measured by default: every source with an evaluation part.
+DEFAULT_SOURCES: tuple[str, ...] = tuple(s for s in BENIGN_SOURCES if s not in TRAIN_ONLY_SOURCES)
 
 
 def sample_prompts(
@@ -40,7 +42,7 @@ def sample_prompts(
     """``(source, prompt)`` pairs: a seeded sample of ``n_per_source`` prompts per source."""
     pairs = []
     for source in sources:
-        prompts = [p.prompt for p in load_benign_prompts(source, data_dir)]
+        prompts = [p.prompt for p in benign_eval_prompts(source, data_dir)]
         if n_per_source < len(prompts):
             prompts = random.Random(f"{seed}:{source}").sample(prompts, n_per_source)
         pairs += [(source, p) for p in prompts]
