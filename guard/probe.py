@@ -7,6 +7,7 @@ are folded into one weight vector and bias, so scoring a decoding step is one do
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -139,6 +140,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self._torch_weights[key] = (weight, bias)
         weight, bias = self._torch_weights[key]
         return torch.sigmoid(hidden.float() @ weight + bias)  # [batch]
+
+    def state_digest(self) -> str:
+        """Short sha256 of what decides this probe's verdicts: hook, weights, bias, threshold."""
+        self._check_fitted()
+        h = hashlib.sha256(f"{self.hook_name}|{self.intercept_!r}|{self.threshold_!r}".encode())
+        h.update(np.ascontiguousarray(self.coef_, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
 
     # ---- persistence -------------------------------------------------------------------
 

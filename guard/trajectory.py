@@ -144,7 +144,6 @@ class GuardedRequest:
         self._detok = ReleasedText(tokenizer, params.stop)
         self._pending: FinishReason | None = None  # finish once the newest token is scored
         self._banned: dict[int, set[int]] = {}  # response index -> token ids (resample)
-        self._last_injected: tuple[int, ...] = ()  # recovery tokens awaiting their scores
         self._delta = _Delta()
         self._summary: GuardSummary | None = None
 
@@ -238,8 +237,8 @@ class GuardedRequest:
 
         Our own text is never judged, so an unusable score here is only recorded (NaN).
         """
-        n = len(self._last_injected)
-        scores = [None] * n if scores is None else list(scores)
+        if scores is None:  # scoring failed: one unscored entry per injected token
+            scores = [None] * self.interventions[-1].injected
         for score in scores:
             self.monitor.record(score if usable_score(score) else math.nan)
         if self.n_generated >= self.params.max_tokens:  # the recovery used up the budget
@@ -325,7 +324,6 @@ class GuardedRequest:
         self.monitor.rewind(len(self.monitor.trace) - action.keep)
         del self.response_ids[action.keep :]
         self._pending = None  # decided again by the next appended token
-        self._last_injected = ()
         if action.kind == "stop":
             self.finish("content_filter", append_text=action.append_text)
             return Recovery("stop", keep=action.keep, discarded=discarded)
@@ -334,7 +332,6 @@ class GuardedRequest:
             self._banned.setdefault(action.keep, set()).add(action.ban_token)
             return Recovery("resample", keep=action.keep, discarded=discarded)
         self.response_ids += inject
-        self._last_injected = inject
         return Recovery("rollback", keep=action.keep, discarded=discarded, inject_ids=inject)
 
     def _release(self, upto: int, *, final: bool = False) -> None:

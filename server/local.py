@@ -11,7 +11,6 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from guard.assets import probe_dir_for
@@ -63,9 +62,7 @@ def engine_fingerprint(engine: GuardedEngine) -> dict[str, Any]:
     """The ``/v1/models`` fingerprint of a decoder: its weights, probe, threshold, config."""
     probe, probe_digest, threshold = engine.probe, None, None
     if probe is not None:
-        h = hashlib.sha256(f"{probe.hook_name}|{probe.intercept_!r}|{probe.threshold_!r}".encode())
-        h.update(np.ascontiguousarray(probe.coef_, dtype=np.float64).tobytes())
-        probe_digest, threshold = h.hexdigest()[:16], engine.threshold
+        probe_digest, threshold = probe.state_digest(), engine.threshold
     config = json.dumps(dataclasses.asdict(engine.config), sort_keys=True, default=str)
     return {
         "model_fingerprint": model_fingerprint(engine.model),

@@ -23,7 +23,6 @@ reports. Without one, a model retrained behind the same id cannot be told apart.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +126,7 @@ class LocalTarget:
             guard = {
                 "config": asdict(engine.config),
                 "threshold": engine.threshold,
-                "probe": probe_digest(probe_dir) if probe_dir else _probe_state(engine.probe),
+                "probe": probe_digest(probe_dir) if probe_dir else engine.probe.state_digest(),
             }
         self.identity: dict[str, Any] = {
             "model_fingerprint": fingerprint or model_fingerprint(engine.model),
@@ -216,13 +215,6 @@ class EndpointTarget:
             for future in futures:
                 future.add_done_callback(lambda _: bar.update(1))
             return [f.result() for f in futures]
-
-
-def _probe_state(probe: Any) -> str:
-    """Digest of a loaded probe's scoring state (hook, weights, bias, threshold)."""
-    h = hashlib.sha256(f"{probe.hook_name}|{probe.intercept_!r}|{probe.threshold_!r}".encode())
-    h.update(probe.coef_.tobytes())
-    return h.hexdigest()[:16]
 
 
 def _kept_tokens(text: str, info: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> int:
