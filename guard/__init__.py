@@ -21,13 +21,14 @@ from guard.errors import (
 )
 from guard.events import GenerationResult, GuardSummary, Intervention, RequestOutput
 from guard.hooks import hook_name, parse_hook_name
-from guard.models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
+from guard.models import BASE_MODEL, DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
 from guard.monitor import StepMonitor, StepVerdict
 from guard.policies import Action, RecoveryPolicy
 from guard.probe import LinearProbe, calibrate_threshold
 from guard.version import __version__
 
 __all__ = [
+    "BASE_MODEL",
     "DEFAULT_MODEL",
     "Action",
     "ConfigError",

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from guard.assets import default_probe_dir
+from guard.assets import probe_dir_for
 from guard.chat import encode_chat
 from guard.config import GuardConfig, MonitorConfig, PolicyConfig, SamplingParams
 from guard.decoding import GuardedEngine
@@ -89,7 +89,7 @@ def generate(
     ),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded alias, HF directory or cached HF id."),
     probe: Path | None = typer.Option(
-        None, help="Probe directory (default: the probe shipped for the default model)."
+        None, help="Probe directory (default: the probe shipped for an embedded alias)."
     ),
     policy: str = typer.Option("rollback", help="stop | rollback | resample"),
     holdback: int = typer.Option(4, min=0),
@@ -103,11 +103,7 @@ def generate(
     try:
         lm = load_model(model)
         if probe is None:
-            if model != DEFAULT_MODEL:
-                raise typer.BadParameter(
-                    "--probe is required for models other than the default", param_hint="--probe"
-                )
-            probe = default_probe_dir()
+            probe = probe_dir_for(model)
         config = GuardConfig(
             monitor=MonitorConfig(threshold=threshold),
             policy=PolicyConfig(kind=policy),

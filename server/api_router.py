@@ -5,16 +5,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.errors import error_responses
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 from server.sse import EventStream, SSEResponse
 
 T = TypeVar("T")
 router = APIRouter()
+
+
+class HealthStatus(BaseModel):
+    """``GET /health`` when the engine can serve (otherwise a 503 error body)."""
+
+    status: Literal["ok"] = "ok"
+    model: str = Field(description="The served model name.")
+    backend: str = Field(description="``local`` or ``vllm`` (``ServerConfig.backend``).")
+    guarded: bool = Field(description="Whether a probe monitors requests.")
+
+
+# One server-sent event of a stream (``itemSchema``, as FastAPI documents its own streams).
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk as JSON, an OpenAI error body (then the stream ends), "
+            "or ``[DONE]`` (the last event).",
+        }
+    },
+}
+
+
+def _generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A generation route's answers: JSON, a server-sent event stream, or an OpenAI error."""
+    ok = {
+        "model": model,
+        "description": f"A {model.__name__}, or with ``stream`` server-sent events of its chunks.",
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT_SCHEMA}},
+    }
+    return {200: ok, **error_responses(400, 401, 404, 413, 429, 500, 503, 504)}
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -46,7 +88,7 @@ def _respond(result: object, raw_request: Request) -> Response:
     return Response(result.model_dump_json(), media_type="application/json")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     handler = raw_request.app.state.serving_chat
     return _respond(
@@ -54,7 +96,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     )
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_generation_responses(CompletionResponse))
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
     handler = raw_request.app.state.serving_completion
     return _respond(
@@ -62,7 +104,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request) ->
     )
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 500))
 async def show_models(raw_request: Request) -> Response:
     engine = raw_request.app.state.engine
     card = ModelCard(
@@ -72,13 +114,29 @@ async def show_models(raw_request: Request) -> Response:
     return _respond(models, raw_request)
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthStatus, responses=error_responses(500, 503))
 async def health(raw_request: Request) -> Response:
-    await raw_request.app.state.engine.check_health()  # EngineDeadError -> 503
-    return Response(status_code=200)
+    engine = raw_request.app.state.engine
+    await engine.check_health()  # EngineDeadError -> 503
+    status = HealthStatus(
+        model=engine.model_name,
+        backend=raw_request.app.state.config.backend,
+        guarded=engine.guarded,
+    )
+    return _respond(status, raw_request)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,  # no default JSON 200: the content types are listed here
+    responses={
+        200: {
+            "description": "Prometheus text exposition format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **error_responses(500),
+    },
+)
 async def metrics(raw_request: Request) -> Response:
     registry = raw_request.app.state.metrics
     return Response(registry.render(), media_type=registry.content_type)

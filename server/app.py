@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,13 +29,13 @@ from server.errors import (
     error_json_response,
     send_error,
 )
-from server.metrics import MetricsMiddleware, ServerMetrics
+from server.metrics import GENERATION_ENDPOINTS, MetricsMiddleware, ServerMetrics
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
 
 logger = logging.getLogger(__name__)
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset(GENERATION_ENDPOINTS)
 
 
 class BodySizeLimitMiddleware:
@@ -101,12 +102,12 @@ class ConcurrencyLimitMiddleware:
             )
             return
         self.in_flight += 1
-        self.metrics.in_flight.inc()
+        self.metrics.running.inc()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            self.metrics.running.dec()
 
 
 def init_app_state(
@@ -127,6 +128,27 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s", request.url.path, exc_info=exc)
     return error_json_response(exc)
+
+
+def drop_validation_422(app: FastAPI) -> None:
+    """Remove FastAPI's default 422 from ``app``'s OpenAPI document.
+
+    Bad bodies are 400s in OpenAI's error shape (``server.errors``), which the routes
+    document themselves; the 422 FastAPI adds to every route with a body never happens.
+    """
+    generate = app.openapi  # caches the document in ``app.openapi_schema``
+
+    def openapi() -> dict[str, Any]:
+        document = generate()
+        for path_item in document.get("paths", {}).values():
+            for operation in path_item.values():
+                operation.get("responses", {}).pop("422", None)
+        schemas = document.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def build_app(
@@ -165,6 +187,7 @@ def build_app(
 
     app = FastAPI(title="trajguard", version=__version__, lifespan=lifespan)
     attach_router(app)
+    drop_validation_422(app)
     for exc_type in (APIError, TrajguardError, RequestValidationError, HTTPException):
         app.add_exception_handler(exc_type, _handle_error)
     app.add_exception_handler(Exception, _handle_unexpected)

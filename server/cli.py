@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def serve(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded alias, HF directory or cached HF id."),
     probe: Path | None = typer.Option(
-        None, help="Probe directory (default: the probe shipped for the default model)."
+        None, help="Probe directory (default: the probe shipped for an embedded alias)."
     ),
     host: str = typer.Option(
         "127.0.0.1", help="Interface to bind; non-loopback hosts require API keys."

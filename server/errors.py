@@ -26,6 +26,7 @@ A guard *intervention* is not an error (``finish_reason="content_filter"``); a g
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -159,6 +160,26 @@ def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
             ),
         )
     return status, ErrorResponse(error=info)
+
+
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid request: malformed body, bad or unsupported parameter, or too long a context.",
+    401: "Missing or invalid API key (only when the server has keys).",
+    404: "Unknown model.",
+    413: "Request body or prompt too large.",
+    429: "Too many concurrent requests; retry after ``Retry-After`` seconds.",
+    500: "Unexpected server error.",
+    503: "The engine cannot serve, a decoding step failed, or the guard failed (fail closed).",
+    504: "The request ran past the server's timeout.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries: ``statuses`` with the OpenAI error body."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        for status in statuses
+    }
 
 
 def error_json_response(exc: BaseException, *, headers: dict[str, str] | None = None) -> Response:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from typing import get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -12,9 +14,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+from guard.config import PolicyKind
+
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = (*GENERATION_ENDPOINTS, "/v1/models", "/health", "/metrics")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -36,8 +43,15 @@ class ServerMetrics:
             ["endpoint", "status"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "trajguard_requests_in_flight", "Generation requests being served.", registry=r
+        self.running = Gauge(
+            "trajguard_num_requests_running",
+            "Generation requests being served (streams count until done).",
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "trajguard_num_requests_waiting",
+            "Generation requests queued for a slot (none: over the limit the answer is 429).",
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "trajguard_prompt_tokens", "Prompt tokens (incl. prefill).", registry=r
@@ -75,10 +89,49 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        r.register(_TriggerRate(self.requests, self.triggers))
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _totals(counter: Counter, *labels: str) -> dict[tuple[str, ...], float]:
+    """A labelled counter's totals by the values of ``labels``."""
+    return {
+        tuple(sample.labels[name] for name in labels): sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+class _TriggerRate(Collector):
+    """``trajguard_guard_triggers_per_1k_requests{action}``, computed at exposition.
+
+    Guard triggers (per choice) per 1,000 generation requests answered 200.
+    """
+
+    def __init__(self, requests: Counter, triggers: Counter) -> None:
+        self.requests = requests
+        self.triggers = triggers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        served = sum(
+            value
+            for (endpoint, status), value in _totals(self.requests, "endpoint", "status").items()
+            if endpoint in GENERATION_ENDPOINTS and status == "200"
+        )
+        triggered = _totals(self.triggers, "action")
+        family = GaugeMetricFamily(
+            "trajguard_guard_triggers_per_1k_requests",
+            "Guard triggers per 1,000 generation requests answered 200, by action.",
+            labels=["action"],
+        )
+        for action in get_args(PolicyKind):
+            count = triggered.get((action,), 0.0)
+            family.add_metric([action], 1000.0 * count / served if served else 0.0)
+        yield family
 
 
 class MetricsMiddleware:

@@ -12,7 +12,7 @@ from benchmarks.bench.attacks import BenchConfig, run_bench
 from benchmarks.bench.cells import ATTACKS
 from benchmarks.bench.perf import BENCHMARKS, PerfConfig, run_perf
 from benchmarks.bench.report import load_results, render_report
-from guard import DEFAULT_MODEL
+from guard import BASE_MODEL, DEFAULT_MODEL
 from training.attacks.cli import (
     BatchSize,
     DataDir,
@@ -91,7 +91,7 @@ def attacks(
     batch_size: BatchSize = 8,
     temperature: Temperature = 0.0,
     judge: Judge = None,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     writer_tokens: WriterTokens = 64,
     data_dir: DataDir = None,
     out: Annotated[Path, typer.Option(help="Output directory (also the resume cache).")] = Path(

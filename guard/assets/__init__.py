@@ -3,11 +3,14 @@
 from pathlib import Path
 
 from guard.errors import ConfigError
-from guard.models import DEFAULT_MODEL
+from guard.models import BASE_MODEL, DEFAULT_MODEL
 
 PROBES_DIR = Path(__file__).parent / "probes"
-DEFAULT_PROBE = "smollm2-135m-instruct-rwi"
-"""The probe shipped for the default model (``guard.DEFAULT_MODEL``)."""
+SHIPPED_PROBES: dict[str, str] = {
+    DEFAULT_MODEL: "smollm2-135m-instruct-aligned-rwi",
+    BASE_MODEL: "smollm2-135m-instruct-rwi",
+}
+"""Embedded alias -> the probe shipped for it (a directory under ``guard/assets/probes``)."""
 
 
 def shipped_probe_dir(name: str) -> Path:
@@ -16,8 +19,8 @@ def shipped_probe_dir(name: str) -> Path:
 
 
 def default_probe_dir() -> Path:
-    """Directory of the probe shipped for the default model."""
-    return shipped_probe_dir(DEFAULT_PROBE)
+    """Directory of the probe shipped for the default model (``guard.DEFAULT_MODEL``)."""
+    return probe_dir_for(DEFAULT_MODEL)
 
 
 def probe_dir_for(model: str) -> Path:
@@ -26,9 +29,12 @@ def probe_dir_for(model: str) -> Path:
     Raises:
         ConfigError: nothing is shipped for ``model`` (pass a probe directory).
     """
-    if model != DEFAULT_MODEL:
-        raise ConfigError(f"--probe is required for models other than {DEFAULT_MODEL}")
-    return default_probe_dir()
+    if model not in SHIPPED_PROBES:
+        raise ConfigError(
+            f"no probe is shipped for {model!r} (shipped for: {', '.join(SHIPPED_PROBES)}); "
+            "pass --probe DIR"
+        )
+    return shipped_probe_dir(SHIPPED_PROBES[model])
 
 
 ADAPTERS_DIR = Path(__file__).parent / "adapters"

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from guard import DEFAULT_MODEL
+from guard import BASE_MODEL, DEFAULT_MODEL
 from training.attacks.benign import run_benign
 from training.attacks.direct import run_direct
 from training.attacks.harness import AttackConfig, AttackReport
@@ -34,7 +34,7 @@ Model = Annotated[
 Prompts = Annotated[
     Path | None, typer.Option("--prompts", help="CSV/JSONL with a prompt/goal column.")
 ]
-Split = Annotated[str, typer.Option(help="Part of the default harmful split (train/dev/test).")]
+Split = Annotated[str, typer.Option(help="Part of the default harmful split (train/dev/test), or heldout (test + CoCoNot safety concerns).")]
 Limit = Annotated[int | None, typer.Option(min=1, help="Seeded sample of this many prompts.")]
 Out = Annotated[Path, typer.Option(help="Output directory.")]
 Probe = Annotated[Path | None, typer.Option(help="Probe directory: guard the decoding.")]
@@ -101,7 +101,7 @@ def direct(
     seed: Seed = 0,
     temperature: Temperature = 0.0,
     judge: Judge = None,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     writer_tokens: WriterTokens = 64,
     data_dir: DataDir = None,
 ) -> None:
@@ -127,7 +127,7 @@ def prefill(
     seed: Seed = 0,
     temperature: Temperature = 0.0,
     judge: Judge = None,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     writer_tokens: WriterTokens = 64,
     data_dir: DataDir = None,
 ) -> None:
@@ -166,7 +166,7 @@ def insert(
     seed: Seed = 0,
     temperature: Temperature = 0.0,
     judge: Judge = None,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     writer_tokens: WriterTokens = 64,
     data_dir: DataDir = None,
 ) -> None:
@@ -204,7 +204,7 @@ def rwi(
     seed: Seed = 0,
     temperature: Temperature = 0.0,
     judge: Judge = None,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     writer_tokens: WriterTokens = 64,
     data_dir: DataDir = None,
 ) -> None:

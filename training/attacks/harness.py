@@ -20,6 +20,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from guard import (
+    BASE_MODEL,
     DEFAULT_MODEL,
     GenerationResult,
     GuardConfig,
@@ -81,7 +82,7 @@ class AttackConfig:
     seed: int = 0
     temperature: float = 0.0
     judge: str | None = None
-    writer: str = DEFAULT_MODEL
+    writer: str = BASE_MODEL
     writer_tokens: int = 64
     data_dir: str | None = None
     params: dict[str, Any] = field(default_factory=dict)

@@ -9,9 +9,12 @@ from pathlib import Path
 
 from training.common.harmful_split import DEFAULT_SPLIT_SEED, default_harmful_behaviors, split_part
 from training.data import HarmfulBehavior, load_prompt_file, normalize_text
-from training.data.loaders import PathLike
+from training.data.loaders import PathLike, load_coconot_harmful_prompts
 
 logger = logging.getLogger(__name__)
+
+HELDOUT = "heldout"
+"""Attack-prompt set: the test split plus CoCoNot's safety-concern requests."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +45,9 @@ def load_attack_prompts(
     Args:
         prompts_file: CSV/JSONL with a ``prompt`` or ``goal`` column; wins over ``split``.
             Targets are looked up among the known behaviours by normalised prompt.
-        split: Part of the default harmful split (``train``, ``dev`` or ``test``).
+        split: Part of the default harmful split (``train``, ``dev`` or ``test``), or
+            ``heldout``: the test part plus CoCoNot's safety-concern requests (prompts of
+            another source, never trained on; no targets), the n >= 200 evaluation set.
         limit: Keep a seeded random sample of this many prompts (``None``: all).
         seed: Seed of that sample.
         split_seed: Seed of the default harmful split.
@@ -63,6 +68,9 @@ def load_attack_prompts(
             prompts.append(
                 AttackPrompt(text, b.target if b else None, "file", f"{prompts_file}#{i}")
             )
+    elif split == HELDOUT:
+        prompts = [_from_behavior(b) for b in split_part("test", data_dir, seed=split_seed)]
+        prompts += [_from_behavior(b) for b in load_coconot_harmful_prompts(data_dir)]
     else:
         prompts = [_from_behavior(b) for b in split_part(split, data_dir, seed=split_seed)]
     if limit is not None and limit < len(prompts):

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from guard import DEFAULT_MODEL, LoadedModel, encode_chat, load_model
+from guard import BASE_MODEL, DEFAULT_MODEL, LoadedModel, encode_chat, load_model
 from training.common.insertion import parse_positions, pool_refusals
 from training.common.plots import Curve, plot_curves
 from training.common.prompts import AttackPrompt, load_attack_prompts
@@ -69,14 +69,14 @@ def _write_json(path: Path, payload: dict) -> None:
 @app.command()
 def kl(
     aligned: Annotated[str, typer.Option(help="Aligned model (HF directory or alias).")],
-    base: Annotated[str, typer.Option(help="Base model it was fine-tuned from.")] = DEFAULT_MODEL,
+    base: Annotated[str, typer.Option(help="Base model it was fine-tuned from.")] = BASE_MODEL,
     prompts: Prompts = None,
     split: Split = "test",
     limit: Limit = None,
     seed: Seed = 0,
     max_tokens: Annotated[int, typer.Option(min=1, help="Response positions measured.")] = 64,
     batch_size: BatchSize = 8,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     out: Out = Path("runs/dynamics"),
     data_dir: DataDir = None,
 ) -> None:
@@ -154,7 +154,7 @@ def consistency(
         int, typer.Option(min=1, help="Tokens of the harmful continuation.")
     ] = 16,
     batch_size: BatchSize = 8,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     out: Out = Path("runs/dynamics"),
     data_dir: DataDir = None,
 ) -> None:

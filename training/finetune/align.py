@@ -28,7 +28,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from guard import DEFAULT_MODEL, __version__
+from guard import BASE_MODEL, __version__
 from guard.models import resolve_model_path
 from training.dynamics.positional import PositionalDynamicsCallback
 from training.finetune.mix import BenignMix, build_mixed_examples, resolve_mix
@@ -37,6 +37,7 @@ from training.finetune.sft_data import SFTExample, build_sft_examples, drop_long
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "trajguard_align.json"
+ADAPTER_DIR = "adapter"
 POSITIONAL_FILE = "positional.json"
 
 
@@ -83,7 +84,7 @@ class AlignConfig:
         max_steps: Stop after this many steps (-1: run the epochs).
     """
 
-    model: str = DEFAULT_MODEL
+    model: str = BASE_MODEL
     out: str = "runs/aligned-sft"
     epochs: float = 2.0
     learning_rate: float = 2e-5
@@ -97,8 +98,8 @@ class AlignConfig:
     bf16: bool = False
     seed: int = 0
     lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = 8  # all-linear r=8 on SmolLM2-135M: 9.8 MB fp32, under the 16 MB we ship
+    lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"
     n_harmful: int | None = 200
@@ -231,9 +232,30 @@ def finalize_checkpoint(out: Path) -> None:
         logger.info("removed quantization_config from %s", path)
 
 
+def save_adapter(peft_model: Any, config: AlignConfig, out: Path) -> Path:
+    """Save the LoRA adapter alone (what ``trajguard train ship`` puts in the package).
+
+    ``base_model_name_or_path`` is rewritten to ``config.model`` as given (an alias, not this
+    machine's cache path), which ``guard.adapters`` checks against the base it merges into.
+    """
+    adapter_dir = out / ADAPTER_DIR
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    path = adapter_dir / "adapter_config.json"
+    adapter_config = json.loads(path.read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = config.model
+    path.write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # peft's model-card template
+    return adapter_dir
+
+
 def save_checkpoint(trainer: Trainer, tokenizer: Any, config: AlignConfig, out: Path) -> None:
-    """Save a plain HF checkpoint (LoRA merged) that ``vllm serve`` loads as-is."""
+    """Save a plain HF checkpoint (LoRA merged) that ``vllm serve`` loads as-is.
+
+    A LoRA run also keeps its adapter under ``<out>/adapter/`` (see :func:`save_adapter`).
+    """
     if config.lora:
+        if trainer.is_world_process_zero():
+            save_adapter(trainer.model, config, out)
         merged = trainer.model.merge_and_unload()  # a plain model: no adapter files to ship
         if trainer.is_world_process_zero():
             merged.save_pretrained(out, safe_serialization=True)

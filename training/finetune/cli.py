@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from guard import DEFAULT_MODEL
+from guard import BASE_MODEL
 from training.dynamics.positional import plot_positional
 from training.finetune.align import POSITIONAL_FILE, AlignConfig, run_align
 from training.finetune.mix import MIX_NAMES, BenignMix
@@ -53,7 +53,7 @@ def mix_options(mix: str) -> dict[str, object]:
 
 
 def align(
-    model: Model = DEFAULT_MODEL,
+    model: Model = BASE_MODEL,
     out: Out = Path(_D.out),
     epochs: Epochs = _D.epochs,
     learning_rate: LearningRate = _D.learning_rate,

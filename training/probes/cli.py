@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from guard.models import DEFAULT_MODEL
+from guard.models import BASE_MODEL, DEFAULT_MODEL
 from training.common.worst import CRITERIA
 from training.probes.config import ProbeTrainingConfig
 from training.probes.rwi import run_probe_training
@@ -45,7 +45,7 @@ def rwi(
     attack_records: Annotated[
         Path | None, typer.Option(help="insert.jsonl of held-out insertion attacks (recall).")
     ] = None,
-    writer: Annotated[str, typer.Option(help="Writer of harmful responses.")] = DEFAULT_MODEL,
+    writer: Annotated[str, typer.Option(help="Writer of harmful responses.")] = BASE_MODEL,
     judge: Annotated[Path | None, typer.Option(help="Saved harm judge directory.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = _P.batch_size,
     seed: Seed = _P.seed,

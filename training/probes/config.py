@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from guard import DEFAULT_MODEL
+from guard import BASE_MODEL, DEFAULT_MODEL
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ProbeTrainingConfig:
     ablation: bool = True
     attack_records: str | None = None
     deep_position: int = 64
-    writer: str = DEFAULT_MODEL
+    writer: str = BASE_MODEL
     judge: str | None = None
     batch_size: int = 8
     seed: int = 0

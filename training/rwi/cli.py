@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from guard import DEFAULT_MODEL
+from guard import BASE_MODEL
 from training.common.worst import CRITERIA
 from training.finetune.cli import (
     BatchSize,
@@ -51,7 +51,7 @@ def _augmented(method: str, options: dict) -> None:
 
 
 def rwi(
-    model: Model = DEFAULT_MODEL,
+    model: Model = BASE_MODEL,
     out: Out = Path(_A.out),
     k: Annotated[int, typer.Option(min=1, help="Candidate insertions per prompt.")] = _A.k,
     criterion: Annotated[
@@ -72,7 +72,7 @@ def rwi(
     n_self_instruct: NSelfInstruct = -1,
     n_gsm8k: NGsm8k = _A.n_gsm8k,
     mix: Mix = _A.mix,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     data_dir: DataDir = None,
 ) -> None:
     """Random worst-insertion adversarial alignment: recover after the worst of K insertions."""
@@ -82,7 +82,7 @@ def rwi(
 
 
 def qi(
-    model: Model = DEFAULT_MODEL,
+    model: Model = BASE_MODEL,
     out: Out = Path("runs/aligned-qi"),
     max_prefix_tokens: Annotated[
         int, typer.Option(min=0, help="k ~ U[0, this].")
@@ -98,7 +98,7 @@ def qi(
     n_self_instruct: NSelfInstruct = -1,
     n_gsm8k: NGsm8k = _A.n_gsm8k,
     mix: Mix = _A.mix,
-    writer: Writer = DEFAULT_MODEL,
+    writer: Writer = BASE_MODEL,
     data_dir: DataDir = None,
 ) -> None:
     """Baseline: Qi et al.'s safety-recovery augmentation (harmful prefix, then refusal)."""

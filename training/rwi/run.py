@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guard import DEFAULT_MODEL
+from guard import BASE_MODEL
 from guard.models import load_model
 from training.common.candidates import DEFAULT_SPAN_LENGTHS
 from training.common.prompts import AttackPrompt, load_attack_prompts
@@ -73,7 +73,7 @@ class AugmentedConfig(AlignConfig):
     span_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_SPAN_LENGTHS))
     long_refusal_share: float = 0.5
     max_prefix_tokens: int = 100
-    writer: str = DEFAULT_MODEL
+    writer: str = BASE_MODEL
     writer_tokens: int = 64
     group_by_length: bool = False  # batches mix fixed examples and groups
 

@@ -157,9 +157,15 @@ def test_models_health_and_metrics(shared_server):
     client = shared_server.client()
     (card,) = client.models.list().data
     assert card.id == MODEL and card.model_extra["max_model_len"] == 256
-    assert httpx.get(f"{shared_server.base_url}/health").status_code == 200
+    health = httpx.get(f"{shared_server.base_url}/health")
+    assert health.headers["content-type"] == "application/json"
+    assert health.json() == {"status": "ok", "model": MODEL, "backend": "local", "guarded": True}
     client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, **GREEDY)
-    text = httpx.get(f"{shared_server.base_url}/metrics").text
+    metrics = httpx.get(f"{shared_server.base_url}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert "\ntrajguard_num_requests_running " in text
+    assert "trajguard_num_requests_waiting 0.0" in text
     assert 'trajguard_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert "trajguard_time_to_first_token_seconds_count" in text
     assert "trajguard_generation_tokens_total" in text

@@ -171,6 +171,8 @@ def test_concurrency_limit_429(make_server):
         with pytest.raises(openai.RateLimitError):
             live.client().chat.completions.create(**CHAT)
         assert resp.status_code == 200
+        metrics = httpx.get(f"{live.base_url}/metrics").text
+        assert "\ntrajguard_num_requests_running 1.0" in metrics
     assert live.wait_idle(2.0)
     assert post(live, CHAT).status_code == 200  # the slot was released
 

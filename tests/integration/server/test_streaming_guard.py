@@ -50,6 +50,14 @@ def test_stop_policy_finishes_with_content_filter(make_server):
     metrics = httpx.get(f"{live.base_url}/metrics").text
     assert 'trajguard_guard_triggers_total{action="stop"} 2.0' in metrics
     assert 'trajguard_choices_finished_total{finish_reason="content_filter"} 2.0' in metrics
+    # Both requests triggered: 1,000 per 1,000 (once the stream's 200 is counted, at its end).
+    per_1k = 'trajguard_guard_triggers_per_1k_requests{action="stop"} 1000.0'
+    deadline = time.monotonic() + 2
+    while per_1k not in metrics and time.monotonic() < deadline:
+        time.sleep(0.02)
+        metrics = httpx.get(f"{live.base_url}/metrics").text
+    assert per_1k in metrics
+    assert 'trajguard_guard_triggers_per_1k_requests{action="rollback"} 0.0' in metrics
 
 
 def test_rollback_stream_never_sends_a_discarded_token(make_server, tiny_tokenizer):

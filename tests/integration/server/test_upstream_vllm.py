@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import time
 
 import httpx
 import pytest
@@ -28,6 +25,7 @@ from guard.assets import default_probe_dir
 from guard.hooks import resolve_hook_name
 from guard.probe import LinearProbe
 from guard.shadow import ShadowScorer
+from guard.vllm.launch import VLLMServer
 from server.engine import GuardOptions
 from server.upstream import UpstreamVLLMEngine
 from tests.helpers import ScriptedProbe, require_vllm
@@ -42,7 +40,7 @@ def default_lm():
 
 
 @pytest.fixture(scope="module")
-def vllm_url(default_lm):
+def vllm_url(request):
     url = os.environ.get("TRAJGUARD_VLLM_URL")
     if url:
         yield url
@@ -52,42 +50,13 @@ def vllm_url(default_lm):
         require_vllm(
             "set TRAJGUARD_VLLM_URL or TRAJGUARD_VLLM_PYTHON to test against a real vLLM server"
         )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            python,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(default_lm.path),
-            "--dtype",
-            "bfloat16",
-            "--port",
-            str(port),
-            "--served-model-name",
-            "smollm2",
-        ],
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    model = str(request.getfixturevalue("default_lm").path)  # only loaded to start a server
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        else:
-            pytest.fail("vLLM server did not start within 600 s")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        server = VLLMServer(python, model, served_name="smollm2", start_timeout=600)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    with server:  # stopped on exit, and on SIGTERM/SIGINT (guard.vllm.launch)
+        yield server.url
 
 
 def run_request(engine: UpstreamVLLMEngine, prompt, params, guard=True):

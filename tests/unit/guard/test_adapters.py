@@ -167,15 +167,15 @@ def test_unshipped_adapter_raises_before_converting_the_base(monkeypatch, tmp_pa
     monkeypatch.setenv("TRAJGUARD_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(guard.assets, "ADAPTERS_DIR", tmp_path / "none")
     monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("base converted"))
-    for alias in adapters.ALIGNED:  # the real table: nothing ships yet
+    for alias in adapters.ALIGNED:  # the real table, with its adapters missing
         with pytest.raises(ModelNotFoundError, match="not shipped yet"):
             models.load_model(alias)
     assert not (tmp_path / "home").exists()
 
 
-def test_aligned_alias_is_not_a_default():
-    assert models.DEFAULT_MODEL not in adapters.ALIGNED
-    assert all(v.base == models.DEFAULT_MODEL for v in adapters.ALIGNED.values())
+def test_the_default_is_the_aligned_alias_of_the_embedded_base():
+    assert models.DEFAULT_MODEL in adapters.ALIGNED and models.BASE_MODEL not in adapters.ALIGNED
+    assert all(v.base == models.BASE_MODEL for v in adapters.ALIGNED.values())
 
 
 def edit_config(adapter_dir: Path, **changes) -> None:

@@ -256,5 +256,7 @@ def test_batched_guarded_decoding_across_families(tiny_tokenizer, model_type):
 @pytest.mark.parametrize("params", [{"temperature": 5e-324}, {"temperature": 1.0, "top_p": 3e-87}])
 def test_extreme_sampling_values_do_not_break_the_step(tiny_llama, tiny_tokenizer, params):
     engine = GuardedEngine(tiny_llama, tiny_tokenizer)
-    (result,) = engine.generate([encode(tiny_tokenizer, PROMPTS[0])], SamplingParams(max_tokens=4, seed=1, **params))
+    (result,) = engine.generate(
+        [encode(tiny_tokenizer, PROMPTS[0])], SamplingParams(max_tokens=4, seed=1, **params)
+    )
     assert result.finish_reason in ("length", "stop")
