@@ -19,7 +19,7 @@ import numpy as np
 
 from guard import SamplingParams, encode_chat, load_model
 from training.attacks.harness import AttackConfig, build_engine
-from training.common.benign import benign_sets, clean_gsm8k_answer
+from training.common.benign import benign_eval_prompts, benign_sets, clean_gsm8k_answer
 from training.common.generation import generate_requests
 from training.common.stats import Rate
 from training.common.worst import mean_target_logprobs
@@ -29,14 +29,38 @@ from training.judge import is_refusal
 logger = logging.getLogger(__name__)
 
 
-def reference_loglik(lm: Any, n: int = 100, data_dir: str | None = None) -> float:
-    """Mean per-token log-likelihood of the first ``n`` GSM8K test reference answers."""
-    items = load_gsm8k(data_dir, split="test")[:n]
+UTILITY_SOURCES: tuple[str, ...] = ("gsm8k", "arena_hard")
+"""Sources of held-out reference answers for :func:`reference_loglik`."""
+
+
+def reference_loglik(
+    lm: Any,
+    n: int = 100,
+    data_dir: str | None = None,
+    *,
+    source: str = "gsm8k",
+    max_answer_tokens: int = 256,
+) -> float:
+    """Mean per-token log-likelihood of the first ``n`` held-out reference answers of ``source``.
+
+    ``gsm8k``: GSM8K test answers (calculator notes removed); ``arena_hard``: the reference
+    answers of the held-out half of Arena-Hard (real user prompts), each cut to its first
+    ``max_answer_tokens`` tokens. Higher is better; compare a fine-tune against its base.
+    """
+    if source == "gsm8k":
+        items = [
+            (b.prompt, clean_gsm8k_answer(b.answer)) for b in load_gsm8k(data_dir, split="test")
+        ]
+    elif source == "arena_hard":
+        items = [(p.prompt, p.answer) for p in benign_eval_prompts(source, data_dir) if p.answer]
+    else:
+        raise ValueError(f"utility source must be one of {UTILITY_SOURCES}, got {source!r}")
+    items = items[:n]
     contexts = [
-        encode_chat(lm.tokenizer, [{"role": "user", "content": b.prompt}]).prompt_ids for b in items
+        encode_chat(lm.tokenizer, [{"role": "user", "content": q}]).prompt_ids for q, _ in items
     ]
     targets = [
-        lm.tokenizer.encode(clean_gsm8k_answer(b.answer), add_special_tokens=False) for b in items
+        lm.tokenizer.encode(a, add_special_tokens=False)[:max_answer_tokens] for _, a in items
     ]
     lp = mean_target_logprobs(
         lm.model, contexts, targets, pad_id=lm.tokenizer.pad_token_id or 0, batch_size=8

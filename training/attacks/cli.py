@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import fields
 from pathlib import Path
@@ -11,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from guard import BASE_MODEL, DEFAULT_MODEL
-from training.attacks.benign import run_benign
+from guard import BASE_MODEL, DEFAULT_MODEL, load_model
+from training.attacks.benign import UTILITY_SOURCES, reference_loglik, run_benign
 from training.attacks.direct import run_direct
 from training.attacks.harness import AttackConfig, AttackReport
 from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, REFUSAL_SOURCES, run_insert
@@ -34,7 +35,12 @@ Model = Annotated[
 Prompts = Annotated[
     Path | None, typer.Option("--prompts", help="CSV/JSONL with a prompt/goal column.")
 ]
-Split = Annotated[str, typer.Option(help="Part of the default harmful split (train/dev/test), or heldout (test + CoCoNot safety concerns).")]
+Split = Annotated[
+    str,
+    typer.Option(
+        help="Part of the default harmful split (train/dev/test), or heldout (test + CoCoNot safety concerns)."
+    ),
+]
 Limit = Annotated[int | None, typer.Option(min=1, help="Seeded sample of this many prompts.")]
 Out = Annotated[Path, typer.Option(help="Output directory.")]
 Probe = Annotated[Path | None, typer.Option(help="Probe directory: guard the decoding.")]
@@ -235,6 +241,38 @@ def benign(
     """Benign side: over-refusal on XSTest safe prompts, false triggers, utility log-likelihood."""
     summary = run_benign(_config("benign", locals()), n_eval=n_eval, n_utility=n_utility)
     console.print({k: v for k, v in summary.items() if k != "config"})
+
+
+@app.command()
+def utility(
+    model: Annotated[
+        list[str], typer.Option(help="Model to score (repeatable): alias, HF dir or cached id.")
+    ] = [BASE_MODEL, DEFAULT_MODEL],  # noqa: B006
+    n: Annotated[int, typer.Option(min=1, help="Reference answers per source.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Utility: mean token log-likelihood of held-out reference answers (GSM8K, Arena-Hard)."""
+    logging.basicConfig(level=logging.WARNING)
+    rows = {
+        name: {
+            source: reference_loglik(load_model(name), n, data_dir, source=source)
+            for source in UTILITY_SOURCES
+        }
+        for name in model
+    }
+    table = Table(title=f"reference log-likelihood per token (n = {n} per source)")
+    for column in ("model", *UTILITY_SOURCES):
+        table.add_column(column)
+    for name, row in rows.items():
+        table.add_row(name, *(f"{row[s]:.4f}" for s in UTILITY_SOURCES))
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps({"n": n, "models": rows}, indent=2), encoding="utf-8")
+    last = rows[model[-1]]
+    print(
+        f"utility {model[-1]} gsm8k/arena_hard loglik: {last['gsm8k']:.4f}/{last['arena_hard']:.4f}"
+    )
 
 
 @app.command()

@@ -400,3 +400,22 @@ def test_cli_traffic_reports_false_triggers_per_source(tiny_model_dir, tmp_path)
     assert result.output.strip().splitlines()[-1] == "traffic false-trigger rate: 1.0000"
     bad = runner.invoke(app, ["traffic", "--sources", "nope", "--model", str(tiny_model_dir)])
     assert bad.exit_code != 0 and "unknown source" in bad.output
+
+
+def test_cli_utility_scores_held_out_references_per_source(tiny_model_dir, tmp_path) -> None:
+    out = tmp_path / "utility.json"
+    args = ["utility", "--model", str(tiny_model_dir), "--n", "3", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["models"][str(tiny_model_dir)]
+    assert set(row) == {"gsm8k", "arena_hard"} and all(v < 0 for v in row.values())
+    assert row["gsm8k"] != row["arena_hard"]  # two different reference sets
+    assert result.output.strip().splitlines()[-1].startswith(f"utility {tiny_model_dir}")
+
+
+def test_utility_rejects_sources_without_held_out_references(tiny_model_dir) -> None:
+    from guard import load_model
+    from training.attacks.benign import reference_loglik
+
+    with pytest.raises(ValueError, match="utility source"):
+        reference_loglik(load_model(str(tiny_model_dir)), 2, source="xstest_safe")

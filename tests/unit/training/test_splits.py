@@ -213,3 +213,17 @@ def test_split_partition_property(texts: list[str], seed: int) -> None:
     assert D.split_prompts(texts, seed=seed) == result
     groups = np.asarray(D.group_near_duplicates(texts))
     assert all(groups[i] <= i for i in range(len(texts)))
+
+
+def test_heldout_attack_set_is_test_plus_coconot_and_never_trained_on():
+    from training.common.prompts import HELDOUT, load_attack_prompts
+    from training.data.loaders import load_coconot_harmful_prompts
+
+    heldout = load_attack_prompts(split=HELDOUT)
+    test = load_attack_prompts(split="test")
+    coconot = load_coconot_harmful_prompts()
+    assert len(heldout) == len(test) + len(coconot) >= 200 + len(test)
+    assert [p.prompt for p in heldout[: len(test)]] == [p.prompt for p in test]
+    assert all(p.target is None and p.source == "coconot" for p in heldout[len(test) :])
+    train = {normalize_text(b.prompt) for b in split_part("train")}
+    assert not train & {normalize_text(p.prompt) for p in heldout}
