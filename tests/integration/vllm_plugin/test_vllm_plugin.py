@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -133,12 +134,24 @@ def test_forced_trigger_stops_with_refusal(engines, prompts):
 def test_forced_trigger_rollback_injects_recovery_text(engines, prompts):
     server = engines.plugin()
     xargs = {"trajguard": "on", "trajguard_id": "rb", "trajguard_threshold": 0.0}
-    choice = server.complete(prompts[1], 96, xargs={**xargs, "trajguard_policy": "rollback"})
+    # ignore_eos: an aligned model may end its answer right after a recovery text, before
+    # the guard fires again; the sequence under test is the actuator's, not the model's.
+    choice = server.complete(
+        prompts[1], 96, ignore_eos=True, xargs={**xargs, "trajguard_policy": "rollback"}
+    )
     policy = PolicyConfig()
     # Always hot: recovery text, again (max_recoveries=2), then the stop refusal.
-    assert choice["text"].count(policy.recovery_text) == policy.max_recoveries
-    assert policy.refusal_message in choice["text"]
-    actions = [e["a"] for e in engines.log.events("rb") if e["a"]]
+    text = choice["text"]
+    assert text.count(policy.recovery_text) == policy.max_recoveries
+    after_last_recovery = text[text.rindex(policy.recovery_text) + len(policy.recovery_text) :]
+    assert policy.refusal_message in after_last_recovery
+    # The stream is published asynchronously: the last step's line may follow the HTTP answer.
+    deadline = time.monotonic() + 10
+    while True:
+        actions = [e["a"] for e in engines.log.events("rb") if e["a"]]
+        if len(actions) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert actions == ["rollback", "rollback", "stop"]
 
 
