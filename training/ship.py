@@ -20,6 +20,7 @@ from guard.assets import SHIPPED_PROBES, shipped_adapter_dir, shipped_probe_dir
 from guard.errors import ConfigError, ProbeMismatchError
 from guard.models import load_model
 from guard.probe import LinearProbe
+from training.finetune.align import ADAPTER_DIR, RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ _RECORD_KEYS = (
 
 def run_record(run_dir: Path) -> dict[str, Any]:
     """The shippable part of a training run's record (config, counts, losses, wall time)."""
-    from training.finetune.align import RUN_FILE
-
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no {RUN_FILE}: not a trajguard training run")
@@ -61,8 +60,6 @@ def ship_adapter(run_dir: Path, alias: str) -> Path:
     Raises:
         ConfigError: unknown alias, no adapter, another base, or over the size budget.
     """
-    from training.finetune.align import ADAPTER_DIR
-
     if alias not in ALIGNED:
         raise ConfigError(f"{alias!r} is not an aligned alias ({', '.join(ALIGNED)})")
     source = run_dir / ADAPTER_DIR

@@ -254,13 +254,10 @@ def utility(
 ) -> None:
     """Utility: mean token log-likelihood of held-out reference answers (GSM8K, Arena-Hard)."""
     logging.basicConfig(level=logging.WARNING)
-    rows = {
-        name: {
-            source: reference_loglik(load_model(name), n, data_dir, source=source)
-            for source in UTILITY_SOURCES
-        }
-        for name in model
-    }
+    rows = {}
+    for name in model:
+        lm = load_model(name)  # once per model, for every source
+        rows[name] = {s: reference_loglik(lm, n, data_dir, source=s) for s in UTILITY_SOURCES}
     table = Table(title=f"reference log-likelihood per token (n = {n} per source)")
     for column in ("model", *UTILITY_SOURCES):
         table.add_column(column)
