@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
-import threading
 import time
 
 import pytest
@@ -178,14 +177,19 @@ def test_mixed_batch_keeps_rows_apart(engines, default_lm, probe, prompts):
         (prompts[2], None),
         (prompts[3], {"trajguard": "observe", "trajguard_id": "mix-d"}),
     ]
-    barrier = threading.Barrier(len(jobs))
 
     def send(prompt, xargs):
-        barrier.wait()
         return server.complete(prompt, n, ignore_eos=True, xargs=xargs)
 
+    # The forced row ends a few steps after it starts (token 0, then the refusal), so it
+    # is sent only once the two observed rows are decoding: arrival order of concurrent
+    # HTTP requests is up to the machine, joining a running batch is the engine's job.
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        choices = [f.result() for f in [pool.submit(send, p, x) for p, x in jobs]]
+        futures = {k: pool.submit(send, *jobs[k]) for k in (0, 2, 3)}
+        engines.log.wait("mix-a", range(0, 2))
+        engines.log.wait("mix-d", range(0, 2))
+        futures[1] = pool.submit(send, *jobs[1])
+        choices = [futures[k].result() for k in range(len(jobs))]
     # They shared decoding steps (one batch) ...
     keys = {"mix-a", "mix-b", "mix-d"}
     steps = [{e["id"] for e in line.get("ev", ())} & keys for line in engines.log.lines]
