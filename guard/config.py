@@ -41,12 +41,15 @@ class MonitorConfig:
         threshold: P(unsafe) at or above which a step is *hot*; ``None`` takes the
             probe's calibrated threshold.
         debounce: ``"k_of_n"`` fires when ``k`` of the last ``n`` steps are hot;
-            ``"ema"`` fires when the exponential moving average reaches the threshold.
+            ``"ema"`` fires when the exponential moving average reaches the threshold;
+            ``None`` (default): the rule the probe was calibrated with (its threshold only
+            means its false-trigger rate under that rule), one hot step when it records
+            none. Giving ``k``/``n`` (or ``ema_alpha``) alone picks ``k_of_n`` (``ema``).
         ema_alpha: weight of the newest score for ``"ema"``.
     """
 
     threshold: float | None = None
-    debounce: DebounceKind = "k_of_n"
+    debounce: DebounceKind | None = None
     k: int = 1
     n: int = 1
     ema_alpha: float = 0.5
@@ -54,12 +57,26 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
-        if self.debounce not in ("k_of_n", "ema"):
+        if self.debounce is None and self.ema_alpha != 0.5:
+            object.__setattr__(self, "debounce", "ema")
+        elif self.debounce is None and (self.k, self.n) != (1, 1):
+            object.__setattr__(self, "debounce", "k_of_n")
+        if self.debounce not in (None, "k_of_n", "ema"):
             raise ConfigError(f"debounce must be 'k_of_n' or 'ema', got {self.debounce!r}")
         if not 1 <= self.k <= self.n:
             raise ConfigError(f"need 1 <= k <= n, got k={self.k}, n={self.n}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ConfigError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+
+    @property
+    def rule(self) -> dict[str, float | int | str]:
+        """The debounce rule as recorded in a probe's calibration (``None`` reads k_of_n)."""
+        return {
+            "kind": self.debounce or "k_of_n",
+            "k": self.k,
+            "n": self.n,
+            "ema_alpha": self.ema_alpha,
+        }
 
 
 @dataclass(frozen=True, slots=True)

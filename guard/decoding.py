@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -25,7 +25,7 @@ from guard.errors import GuardValidationError
 from guard.events import GenerationResult, RequestOutput
 from guard.hooks import resolve_hook_name
 from guard.kv import BatchCache
-from guard.monitor import resolve_threshold
+from guard.monitor import resolve_threshold, with_calibrated_debounce
 from guard.probe import LinearProbe
 from guard.sampling import GREEDY_BELOW, make_generator, sample_next
 from guard.trajectory import GuardedRequest, Recovery
@@ -72,7 +72,8 @@ class GuardedEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.probe = probe
-        self.config = config or GuardConfig()
+        config = config or GuardConfig()
+        self.config = replace(config, monitor=with_calibrated_debounce(config.monitor, probe))
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = model.generation_config.eos_token_id

@@ -25,7 +25,7 @@ from guard.arch import num_layers
 from guard.capture import HiddenStateCapture
 from guard.config import MonitorConfig
 from guard.hooks import resolve_hook_name
-from guard.monitor import StepMonitor, usable_score
+from guard.monitor import StepMonitor, usable_score, with_calibrated_debounce
 from guard.probe import LinearProbe
 
 
@@ -71,7 +71,7 @@ class GenerateGuard:
     ) -> None:
         probe.check_compatible(model, strict_weights=False)
         self.probe = probe
-        self.config = monitor or MonitorConfig()
+        self.config = with_calibrated_debounce(monitor or MonitorConfig(), probe)
         self.hook_name = resolve_hook_name(probe.hook_name, num_layers(model))
         self._capture = HiddenStateCapture(model, self.hook_name, last_token_only=True)
         self.monitors: list[StepMonitor] = []

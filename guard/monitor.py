@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from guard.config import MonitorConfig
 
@@ -51,6 +52,27 @@ def peak_debounced_score(scores: Iterable[float], config: MonitorConfig) -> floa
     """Largest debounced level over a whole response (what calibration thresholds)."""
     debouncer = _Debouncer(config)
     return max((debouncer.push(float(s)) for s in scores), default=0.0)
+
+
+def with_calibrated_debounce(config: MonitorConfig, probe: Any) -> MonitorConfig:
+    """``config`` with the probe's calibrated debounce rule when it names none.
+
+    A probe's threshold bounds its false-trigger rate only under the rule it was
+    calibrated with (``calibration.debounce`` in its metadata); an operator's explicit
+    rule wins. A probe that records none keeps the one-hot-step default.
+    """
+    if config.debounce is not None or probe is None:
+        return config
+    rule = ((getattr(probe, "metadata_", None) or {}).get("calibration") or {}).get("debounce")
+    if not rule:
+        return config
+    return replace(
+        config,
+        debounce=rule.get("kind", "k_of_n"),
+        k=int(rule.get("k", 1)),
+        n=int(rule.get("n", 1)),
+        ema_alpha=float(rule.get("ema_alpha", 0.5)),
+    )
 
 
 #: Threshold of a probe that was never calibrated (its ``predict`` uses the same).

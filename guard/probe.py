@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -67,8 +68,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearProbe:
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> LinearProbe:
         """Fit on activations ``X`` of shape (n_samples, d_model) and labels ``y`` in {0, 1}.
+
+        ``sample_weight`` (optional, per sample) multiplies the class weights, e.g. to
+        up-weight mined hard negatives.
 
         Raises:
             ConfigError: bad hook name, shapes, or labels other than both of {0, 1}.
@@ -88,7 +94,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             class_weight=self.class_weight,
             max_iter=self.max_iter,
             random_state=self.random_state,
-        ).fit(scaler.transform(X), y)
+        ).fit(scaler.transform(X), y, sample_weight=sample_weight)
         scale = scaler.scale_
         self.coef_ = logistic.coef_[0] / scale
         self.intercept_ = float(
@@ -117,7 +123,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n_samples, 2), columns ordered as ``classes_``."""
-        p_unsafe = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        p_unsafe = expit(self.decision_function(X))
         return np.stack([1.0 - p_unsafe, p_unsafe], axis=1)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -140,6 +146,20 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self._torch_weights[key] = (weight, bias)
         weight, bias = self._torch_weights[key]
         return torch.sigmoid(hidden.float() @ weight + bias)  # [batch]
+
+    def rescale(self, scale: float, shift: float) -> LinearProbe:
+        """Map the log-odds ``z`` to ``scale * z + shift`` in place (Platt scaling, folded).
+
+        Scores stay one dot product; the threshold is dropped (recalibrate after this).
+        """
+        self._check_fitted()
+        if not (np.isfinite(scale) and np.isfinite(shift)) or scale <= 0:
+            raise ConfigError(f"rescale needs a finite scale > 0 and shift, got {scale}, {shift}")
+        self.coef_ = self.coef_ * scale
+        self.intercept_ = float(self.intercept_ * scale + shift)
+        self.threshold_ = None
+        self._torch_weights = {}
+        return self
 
     def state_digest(self) -> str:
         """Short sha256 of what decides this probe's verdicts: hook, weights, bias, threshold."""
@@ -313,12 +333,28 @@ def _check_artefact(directory: Path, meta: Any, tensors: dict[str, np.ndarray]) 
         raise bad("calibration must be an object")
 
 
+def allowed_false_triggers(n: int, max_upper_bound: float, confidence: float = 0.95) -> int:
+    """Most triggers ``x`` among ``n`` benign responses whose one-sided Clopper-Pearson upper
+    bound on the trigger rate is at most ``max_upper_bound``; -1 when even ``x = 0`` is not
+    (too few responses: ``n`` must be at least ``log(1 - confidence) / log(1 - bound)``,
+    299 for a 1 % bound at 95 %)."""
+    from scipy.stats import beta
+
+    allowed = -1
+    for x in range(n):
+        if beta.ppf(confidence, x + 1, n - x) > max_upper_bound:
+            break
+        allowed = x
+    return allowed
+
+
 def calibrate_threshold(
     probe: LinearProbe,
     benign_responses: Sequence[np.ndarray],
     *,
     target_rate: float = 0.01,
     monitor: Any = None,
+    confidence: float | None = None,
 ) -> float:
     """Set ``probe.threshold_`` so at most ``target_rate`` of benign *responses* trigger.
 
@@ -331,9 +367,15 @@ def calibrate_threshold(
         target_rate: allowed per-response false-trigger rate.
         monitor: a :class:`guard.config.MonitorConfig` whose debounce is applied; default
             fires on a single hot step.
+        confidence: ``None``: the point rate on these responses is at most ``target_rate``.
+            Else the one-sided ``confidence`` upper bound of that rate is (see
+            :func:`allowed_false_triggers`): fewer triggers allowed, a defensible claim.
 
     Returns:
         The threshold.
+
+    Raises:
+        ConfigError: no responses, or too few for the bound at ``confidence``.
     """
     from guard.config import MonitorConfig
     from guard.monitor import peak_debounced_score
@@ -347,8 +389,16 @@ def calibrate_threshold(
     peaks = np.array(
         [peak_debounced_score(probe.predict_proba(r)[:, 1], config) for r in responses]
     )
-    # Smallest threshold with (fraction of peaks >= threshold) <= target_rate.
-    allowed = int(np.floor(target_rate * len(peaks)))
+    if confidence is None:
+        allowed = int(np.floor(target_rate * len(peaks)))
+    else:
+        allowed = allowed_false_triggers(len(peaks), target_rate, confidence)
+        if allowed < 0:
+            raise ConfigError(
+                f"{len(peaks)} calibration responses cannot bound the false-trigger rate at "
+                f"{target_rate} with {confidence:.0%} confidence; give more"
+            )
+    # Smallest threshold with at most ``allowed`` peaks at or above it.
     ordered = np.sort(peaks)[::-1]
     threshold = (
         float(np.nextafter(ordered[allowed], 1.0)) if allowed < len(ordered) else float(ordered[-1])
@@ -357,15 +407,11 @@ def calibrate_threshold(
     probe.threshold_ = threshold
     probe.metadata_["calibration"] = {
         "target_response_rate": target_rate,
+        "rule": "point" if confidence is None else f"upper_bound@{confidence}",
         "achieved_response_rate": float(np.mean(peaks >= threshold)),
         "n_responses": len(peaks),
         "n_tokens": int(sum(len(r) for r in responses)),
         "peak_quantiles": {q: float(np.quantile(peaks, float(q))) for q in ("0.5", "0.9", "0.99")},
-        "debounce": {
-            "kind": config.debounce,
-            "k": config.k,
-            "n": config.n,
-            "ema_alpha": config.ema_alpha,
-        },
+        "debounce": config.rule,
     }
     return threshold

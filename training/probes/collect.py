@@ -113,6 +113,55 @@ def collect_trajectories(
     return ProbeSets(sets, len(train_prompts))
 
 
+def harmful_trajectories(
+    lm: LoadedModel,
+    writer: LoadedModel,
+    judge: HarmJudge,
+    *,
+    n_train: int,
+    n_dev: int,
+    k: int = 4,
+    criterion: str = "recovery_loss",
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    data_dir: str | None = None,
+) -> dict[str, list[Trajectory]]:
+    """RWI and prefill trajectories on harmful train-split prompts, and refusals.
+
+    The first ``n_train`` prompts of a seeded sample of the train split give ``train``
+    (worst-of-``k`` insertions into a refusal, and prefills, each continued by ``lm`` and
+    judged); the next ``n_dev`` give ``dev`` the same way (never fitted on); ``safe`` holds
+    refusals of the train prompts.
+    """
+    config = ProbeTrainingConfig(batch_size=batch_size, seed=seed, data_dir=data_dir)
+    prompts, sources = _harmful_part(config, writer, "train", n_train + n_dev)
+    pool = train_span_texts([], data_dir=data_dir)
+    spans = _span_choices(sources, pool, seed)
+    options: dict[str, Any] = {
+        "k": k,
+        "criterion": criterion,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    sets: dict[str, list[Trajectory]] = {}
+    for name, part in (("train", slice(0, n_train)), ("dev", slice(n_train, None))):
+        sets[name] = [
+            t
+            for recipe in ("rwi", "prefill")
+            for t in insertion_trajectories(
+                lm, prompts[part], spans[part], judge, recipe=recipe, **options
+            )
+        ]
+    rng = random.Random(seed)
+    refusals = [r.text for r in refusal_pool(seed=seed)]
+    sets["safe"] = teacher_forced(
+        lm, [(p.prompt, rng.choice(refusals)) for p in prompts[:n_train]], SAFE, "refusal"
+    )
+    return sets
+
+
 def collect_states(
     lm: LoadedModel, sets: dict[str, list[Trajectory]], hooks: Sequence[str]
 ) -> States:

@@ -45,7 +45,8 @@ class Trajectory:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
+def chat_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
+    """A user prompt's ids under ``lm``'s chat template (the generation prompt included)."""
     return encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}]).prompt_ids
 
 
@@ -89,7 +90,7 @@ def insertion_trajectories(
     other = [r.text for r in pool if r.style != "long"]
     recovery = tok.encode(recovery_text, add_special_tokens=False)
     chosen: list[Insertion] = []
-    prompt_ids = [_prompt_ids(lm, p.prompt) for p in prompts]
+    prompt_ids = [chat_prompt_ids(lm, p.prompt) for p in prompts]
     for ids, prompt_spans in zip(prompt_ids, spans):
         refusal = (
             []
@@ -146,7 +147,7 @@ def teacher_forced(
     for prompt, response in pairs:
         ids = lm.tokenizer.encode(response.strip(), add_special_tokens=False)[:max_tokens]
         if ids:
-            out.append(Trajectory(_prompt_ids(lm, prompt), ids, [label] * len(ids), recipe))
+            out.append(Trajectory(chat_prompt_ids(lm, prompt), ids, [label] * len(ids), recipe))
     return out
 
 
@@ -154,7 +155,7 @@ def generated_responses(
     lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
 ) -> list[Trajectory]:
     """The model's own greedy answers to ``prompts`` (labelled safe: benign prompts only)."""
-    ids = [_prompt_ids(lm, p) for p in prompts]
+    ids = [chat_prompt_ids(lm, p) for p in prompts]
     results = generate_requests(
         GuardedEngine(lm.model, lm.tokenizer),
         [(i, []) for i in ids],

@@ -186,7 +186,7 @@ def test_endpoint_cache_follows_the_reported_fingerprint(
     server, thread = _serve(fresh, port)  # a stopped engine does not restart
     try:
         assert "trajguard" not in httpx.get(f"{url}/v1/models").json()["data"][0]
-        with caplog.at_level(logging.WARNING, logger="benchmarks.bench.targets"):
+        with caplog.at_level(logging.WARNING, logger="training.common.endpoint"):
             assert _run(config) == (2, 0)
         assert "reports no weight fingerprint" in caplog.text
         results = json.loads((tmp_path / "b" / "results.json").read_text())

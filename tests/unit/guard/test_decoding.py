@@ -241,6 +241,33 @@ def test_monitor_threshold_override(tiny_llama, tiny_tokenizer):
     assert result.finish_reason == "content_filter"
 
 
+def _spiky(calibrated: dict | None) -> ScriptedProbe:
+    """Hot on every other step only: one hot step fires, two hot of the last three never."""
+    probe = ScriptedProbe(fitted_probe(32), lambda call, n: [0.9 * (call % 2)] * n)
+    probe.metadata_ = {"calibration": {"debounce": calibrated}} if calibrated else {}
+    return probe
+
+
+@pytest.mark.parametrize(
+    "calibrated, operator, fires",
+    [
+        (None, MonitorConfig(), True),  # no recorded rule: one hot step
+        ({"kind": "k_of_n", "k": 2, "n": 2, "ema_alpha": 0.5}, MonitorConfig(), False),
+        ({"kind": "k_of_n", "k": 2, "n": 2, "ema_alpha": 0.5}, MonitorConfig(k=1, n=2), True),
+        ({"kind": "ema", "k": 1, "n": 1, "ema_alpha": 0.25}, MonitorConfig(), False),
+    ],
+)
+def test_the_probes_calibrated_debounce_applies_unless_the_operator_sets_one(
+    tiny_llama, tiny_tokenizer, calibrated, operator, fires
+):
+    config = GuardConfig(monitor=operator, policy=PolicyConfig(kind="stop"))
+    engine = GuardedEngine(tiny_llama, tiny_tokenizer, _spiky(calibrated), config)
+    (result,) = engine.generate([encode(tiny_tokenizer, PROMPTS[0])], SamplingParams(max_tokens=8))
+    assert (result.finish_reason == "content_filter") is fires
+    if calibrated and operator == MonitorConfig():
+        assert engine.config.monitor.rule == calibrated
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "mistral", "gemma", "gemma2"])
 def test_batched_guarded_decoding_across_families(tiny_tokenizer, model_type):
     from tests.conftest import build_tiny_model

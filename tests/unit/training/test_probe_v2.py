@@ -1,0 +1,185 @@
+"""Probe v2: bounded calibration, Platt scaling, debounce choice, hard negatives, the run."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from guard import GuardedEngine, MonitorConfig, load_model
+from guard.errors import ConfigError
+from guard.probe import LinearProbe, allowed_false_triggers, calibrate_threshold
+from training.probes.hard_negatives import fit_with_hard_negatives
+from training.probes.operating_point import choose_debounce, platt_rescale, response_peaks
+from training.probes.trajectories import SAFE, UNSAFE, Trajectory
+from training.probes.v2 import ProbeV2Config, run_probe_v2
+
+
+def test_allowed_false_triggers_is_the_largest_count_under_the_bound() -> None:
+    assert allowed_false_triggers(298, 0.01) == -1  # rule of three: 299 answers at least
+    assert allowed_false_triggers(299, 0.01) == 0
+    for n in (300, 700, 1000):
+        x = allowed_false_triggers(n, 0.01)
+        assert beta.ppf(0.95, x + 1, n - x) <= 0.01 < beta.ppf(0.95, x + 2, n - x - 1)
+
+
+def _probe(d: int = 4, scale: float = 1.0) -> LinearProbe:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, d))
+    y = (X[:, 0] + rng.normal(size=400) > 0).astype(int)  # noisy: moderate weights
+    probe = LinearProbe("blocks.0.hook_resid_post", C=1.0).fit(X, y)
+    return probe.rescale(scale, 0.0)
+
+
+def test_bounded_calibration_allows_fewer_triggers_than_the_point_rule() -> None:
+    probe = _probe()
+    rng = np.random.default_rng(1)
+    answers = [rng.normal(size=(5, 4)) for _ in range(700)]
+    point = calibrate_threshold(probe, answers, target_rate=0.01)
+    peaks = response_peaks(probe, answers, MonitorConfig())
+    assert (peaks >= point).sum() == 7
+    bounded = calibrate_threshold(probe, answers, target_rate=0.01, confidence=0.95)
+    assert (peaks >= bounded).sum() == allowed_false_triggers(700, 0.01) == 2
+    assert probe.metadata_["calibration"]["rule"] == "upper_bound@0.95"
+    with pytest.raises(ConfigError, match="cannot bound"):
+        calibrate_threshold(probe, answers[:100], target_rate=0.01, confidence=0.95)
+
+
+def test_rescale_is_affine_in_log_odds_and_sample_weight_changes_the_fit() -> None:
+    probe = _probe()
+    X = np.random.default_rng(2).normal(size=(10, 4))
+    z = probe.decision_function(X)
+    assert np.allclose(probe.rescale(0.5, -1.0).decision_function(X), 0.5 * z - 1.0)
+    with pytest.raises(ConfigError):
+        probe.rescale(-1.0, 0.0)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 4))
+    y = (X[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(int)
+    plain = LinearProbe("blocks.0.hook_resid_post").fit(X, y)
+    weighted = LinearProbe("blocks.0.hook_resid_post").fit(
+        X, y, sample_weight=1 + 10 * (X[:, 1] > 0)
+    )
+    assert not np.allclose(plain.coef_, weighted.coef_)
+
+
+def test_platt_unsaturates_a_saturated_probe_and_keeps_its_order() -> None:
+    probe = _probe(scale=200.0)
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(500, 4))
+    y = (X[:, 0] + rng.normal(size=500) > 0).astype(int)  # noisy labels: not separable
+    raw = probe.predict_proba(X)[:, 1]
+    assert np.mean((raw > 0.999) | (raw < 0.001)) > 0.9
+    scaled = platt_rescale(probe, X, y)
+    p = scaled.predict_proba(X)[:, 1]
+    assert np.mean((p > 0.999) | (p < 0.001)) < 0.1
+    order = np.argsort(probe.decision_function(X), kind="stable")
+    assert np.array_equal(order, np.argsort(scaled.decision_function(X), kind="stable"))
+    assert scaled.metadata_["platt"]["n_tokens"] == 500
+    assert probe.predict_proba(X)[:, 1] == pytest.approx(raw)  # the original is untouched
+
+
+def test_debounce_choice_prefers_a_rule_that_ignores_single_token_spikes() -> None:
+    """Benign answers with one hot token force a single-step rule's threshold up; harm is
+    sustained but milder, so k-of-n catches it at the threshold its calibration allows."""
+    probe = LinearProbe("blocks.0.hook_resid_post").fit(
+        np.array([[-1.0], [1.0]] * 10), np.array([0, 1] * 10)
+    )
+    z = lambda v: np.array(v, dtype=float)[:, None] / probe.coef_[0]  # noqa: E731
+    rng = random.Random(0)
+    benign = []
+    for i in range(400):
+        values = [rng.uniform(-4, -2) for _ in range(20)]
+        values[rng.randrange(20)] = 6.0 if i % 2 else 1.0  # a lone spike
+        benign.append(z(values))
+    harmful = [z([rng.uniform(3, 4) for _ in range(10)]) for _ in range(50)]
+    sweep = choose_debounce(probe, benign, harmful, target_rate=0.05, confidence=0.95)
+    best = sweep[0]
+    one_step = MonitorConfig(debounce="k_of_n")
+    assert best.dev_recall == 1.0 and best.monitor != one_step
+    single = next(c for c in sweep if c.monitor == one_step)
+    assert single.dev_recall == 0.0
+    assert probe.threshold_ == pytest.approx(best.threshold)
+    assert all(c.calibration_rate <= 0.05 for c in sweep)
+
+
+def test_hard_negative_rounds_push_down_the_benign_answers_that_looked_harmful() -> None:
+    rng = np.random.default_rng(5)
+    d = 8
+    unsafe = rng.normal(size=(300, d)) + np.eye(d)[0] * 3
+    safe = rng.normal(size=(300, d)) - np.eye(d)[0] * 3
+    # "code" answers share the unsafe direction but also have their own, e_1.
+    code = [rng.normal(size=(20, d)) + np.eye(d)[0] * 2.5 + np.eye(d)[1] * 3 for _ in range(20)]
+    prose = [rng.normal(size=(20, d)) - np.eye(d)[0] * 3 for _ in range(180)]
+    answers = code + prose
+    tags = ["code"] * 20 + ["prose"] * 180
+
+    def fit(X, y, w):
+        return LinearProbe("blocks.0.hook_resid_post", C=1.0).fit(X, y, sample_weight=w)
+
+    result = fit_with_hard_negatives(
+        fit, unsafe, safe, answers, answer_tags=tags, rounds=3, hard_share=0.1,
+        tokens_per_benign_answer=2, weight=5.0,
+    )  # fmt: skip
+    rounds = result.rounds
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[0]["hardest_by_tag"]["code"] >= 18  # the look-alikes are the hardest
+    assert rounds[-1]["n_mined_tokens"] > 0 == rounds[0]["n_mined_tokens"]
+    assert rounds[-1]["benign_peak_logodds_q95"] < rounds[0]["benign_peak_logodds_q95"] - 1.0
+    assert np.median(result.probe.decision_function(unsafe)) > 0  # still sees harm
+
+
+def _trajectories(n: int, recipe: str, label: int, rng: random.Random, **meta) -> list[Trajectory]:
+    out = []
+    for _ in range(n):
+        response = [rng.randrange(3, 200) for _ in range(rng.randrange(6, 12))]
+        labels = [label] * len(response)
+        if label == UNSAFE:
+            labels[:2] = [SAFE, SAFE]  # the refusal before the span
+        out.append(Trajectory([1, 5, 6], response, labels, recipe, dict(meta)))
+    return out
+
+
+def test_run_probe_v2_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    lm = load_model(str(tiny_model_dir))
+    rng = random.Random(0)
+    harmful = {
+        "train": _trajectories(20, "rwi", UNSAFE, rng, harmful=True),
+        "dev": _trajectories(12, "rwi", UNSAFE, rng, harmful=True)
+        + _trajectories(3, "rwi", UNSAFE, rng, harmful=False),
+        "safe": _trajectories(10, "refusal", SAFE, rng),
+    }
+    corpus = {
+        "train": _trajectories(30, "benign-own", SAFE, rng, source="a"),
+        "calibration": _trajectories(40, "benign-own", SAFE, rng, source="a"),
+        "eval": _trajectories(20, "benign-own", SAFE, rng, source="a")
+        + _trajectories(10, "benign-own", SAFE, rng, source="b", held_out=True),
+    }
+    config = ProbeV2Config(
+        model=str(tiny_model_dir), out=str(tmp_path / "v2"), layers=[0, -1], rounds=1,
+        target_rate=0.2,
+    )  # fmt: skip
+    baseline = _probe(d=lm.model.config.hidden_size)
+    baseline.hook_name = "blocks.0.hook_resid_post"
+    calibrate_threshold(baseline, [np.zeros((1, lm.model.config.hidden_size))])
+    report = run_probe_v2(config, lm, harmful, corpus, baseline=baseline)
+    saved = json.loads((tmp_path / "v2" / "probe_v2_report.json").read_text())
+    assert saved["hook"] == report["hook"] == report["layer_sweep"][0]["hook"]
+    assert len(report["hard_negative_rounds"]) == 2
+    assert report["n"]["dev_harmful"] == 12
+    table = report["probe_v2"]
+    assert table["false_triggers"]["overall"]["n"] == 30
+    assert table["false_triggers"]["b"]["held_out_source"] is True
+    assert table["false_triggers"]["a"]["held_out_source"] is False
+    assert table["false_triggers_long"]["overall"]["n"] == 0  # no answer reaches 256 tokens
+    assert table["dev_harmful_recall"]["n"] == 12
+    assert report["debounce_sweep"][0]["monitor"] == table["monitor"]
+    assert "baseline" in report
+    probe = LinearProbe.load(tmp_path / "v2" / "probe")
+    assert probe.hook_name == report["hook"]
+    assert probe.threshold_ == pytest.approx(table["threshold"])
+    assert probe.metadata_["evaluation"]["dev_harmful_recall"]["n"] == 12
+    GuardedEngine(lm.model, lm.tokenizer, probe)  # bound to the model it was fitted on

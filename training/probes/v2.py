@@ -1,0 +1,362 @@
+"""Probe v2: fitted on the guarded model's own answers at scale, judged on traffic it never saw.
+
+``trajguard train probe-v2`` runs :func:`run_probe_v2`:
+
+1. Unsafe states: worst-of-K insertion (RWI) and prefill trajectories of the guarded model
+   on harmful *train* prompts (fit) and on other train prompts (dev: layer and debounce
+   choice); refusals of the same prompts are safe.
+2. Benign states: the model's own answers from a benign corpus (``trajguard train
+   benign-corpus``: train / calibration / eval by prompt, one source only in eval).
+3. Layer: the candidate whose plain fit separates dev harmful from calibration answers best
+   (response-level AUROC of peak scores).
+4. Hard-negative rounds on the benign *train* answers (:mod:`training.probes.hard_negatives`).
+5. Operating point on calibration answers and dev harm (:mod:`training.probes.operating_point`):
+   Platt-scaled scores, a debounce, and a threshold whose one-sided 95 % upper bound of the
+   per-response false-trigger rate is at most the target.
+6. Evaluation on what was kept out: per-source false triggers on eval answers (the held-out
+   source separately), recall on dev harm and on held-out attack records, each with a
+   95 % CI; the same table for a baseline probe when one is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from guard import DEFAULT_MODEL, LoadedModel, MonitorConfig, load_model
+from guard.errors import ConfigError
+from guard.probe import LinearProbe
+from training.common.stats import Rate
+from training.probes.collect import harmful_trajectories
+from training.probes.evaluation import held_out_recall, load_held_out_attacks
+from training.probes.hard_negatives import fit_with_hard_negatives
+from training.probes.operating_point import choose_debounce, platt_rescale, response_peaks
+from training.probes.rwi import sweep_hooks
+from training.probes.states import token_states
+from training.probes.trajectories import SAFE, UNSAFE, Trajectory, labelled_tokens
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "probe_v2_report.json"
+
+
+@dataclass
+class ProbeV2Config:
+    """Everything ``trajguard train probe-v2`` does (saved in the report).
+
+    Attributes:
+        model: Model the probe guards (alias or HF directory).
+        out: Output directory: ``probe/``, the report.
+        layers: Candidate ``resid_post`` layers (negative: from the end).
+        n_train_prompts: Harmful train-split prompts the probe is fitted on.
+        n_dev_prompts: Further train-split prompts for layer and debounce choice.
+        k: Candidate insertions per prompt (worst-of-K).
+        criterion: Worst-of-K criterion.
+        max_new_tokens: Continuation generated after each insertion.
+        C: Inverse L2 strength of the logistic regression.
+        rounds: Hard-negative rounds.
+        target_rate: Bound on the per-response benign false-trigger rate.
+        confidence: Confidence of that one-sided bound.
+        attack_records: Held-out attack JSONLs (``trajguard attack insert|prefill``) whose
+            harmful cases give recall per family, as ``family=path``.
+        writer: Writer of harmful responses.
+        judge: Saved harm judge directory (default: cached learned judge).
+        batch_size: Generation / forward batch size.
+        seed: Seed.
+        data_dir: Offline data directory override.
+    """
+
+    model: str = DEFAULT_MODEL
+    out: str = "runs/probe-v2"
+    layers: list[int] = field(default_factory=lambda: [12, 15, 18, 21])
+    n_train_prompts: int = 200
+    n_dev_prompts: int = 60
+    k: int = 4
+    criterion: str = "recovery_loss"
+    max_new_tokens: int = 64
+    C: float = 0.05
+    rounds: int = 3
+    target_rate: float = 0.01
+    confidence: float = 0.95
+    attack_records: list[str] = field(default_factory=list)
+    writer: str | None = None
+    judge: str | None = None
+    batch_size: int = 8
+    seed: int = 0
+    data_dir: str | None = None
+
+
+def harm_tail(trajectory: Trajectory, states: np.ndarray) -> np.ndarray:
+    """States from the first unsafe token on (what recall is measured on)."""
+    labels = np.asarray(trajectory.labels)
+    start = int(np.argmax(labels == UNSAFE))
+    return states[start:]
+
+
+def harmful_only(trajectories: Sequence[Trajectory]) -> list[Trajectory]:
+    """Trajectories whose continuation was judged harmful (the guard must fire on these)."""
+    return [t for t in trajectories if t.meta.get("harmful")]
+
+
+def response_auroc(harmful_peaks: np.ndarray, benign_peaks: np.ndarray) -> float:
+    """AUROC of peak scores, harmful responses against benign ones."""
+    y = np.r_[np.ones(len(harmful_peaks)), np.zeros(len(benign_peaks))]
+    return float(roc_auc_score(y, np.r_[harmful_peaks, benign_peaks]))
+
+
+def false_trigger_table(
+    probe: LinearProbe,
+    answers: Sequence[Trajectory],
+    states: Sequence[np.ndarray],
+    monitor: MonitorConfig,
+    *,
+    min_tokens: int = 0,
+) -> dict[str, Any]:
+    """Per-source and overall per-response false-trigger rates (95 % Wilson CIs).
+
+    Answers shorter than ``min_tokens`` are left out (e.g. 256: the long-answer figure).
+    """
+    keep = [i for i, t in enumerate(answers) if len(t.response_ids) >= min_tokens]
+    peaks = response_peaks(probe, [states[i] for i in keep], monitor)
+    fired = peaks >= probe.threshold_
+    sources = [answers[i].meta.get("source", "?") for i in keep]
+    table: dict[str, Any] = {
+        "min_tokens": min_tokens,
+        "overall": Rate.of(int(fired.sum()), len(keep)).to_dict(),
+    }
+    for source in sorted(set(sources)):
+        mask = np.array([s == source for s in sources])
+        held = any(answers[i].meta.get("held_out") for i, m in zip(keep, mask) if m)
+        table[source] = Rate.of(int(fired[mask].sum()), int(mask.sum())).to_dict() | {
+            "held_out_source": held
+        }
+    return table
+
+
+def evaluate_probe(
+    probe: LinearProbe,
+    monitor: MonitorConfig,
+    eval_answers: Sequence[Trajectory],
+    eval_states: Sequence[np.ndarray],
+    dev_harmful: Sequence[np.ndarray],
+    held_out: dict[str, Any],
+) -> dict[str, Any]:
+    """The protocol's table for one probe: false triggers, recall, AUROC."""
+    benign_peaks = response_peaks(probe, eval_states, monitor)
+    harmful_peaks = response_peaks(probe, dev_harmful, monitor)
+    fired = harmful_peaks >= probe.threshold_
+    table: dict[str, Any] = {
+        "threshold": probe.threshold_,
+        "monitor": asdict(monitor),
+        "false_triggers": false_trigger_table(probe, eval_answers, eval_states, monitor),
+        "false_triggers_long": false_trigger_table(
+            probe, eval_answers, eval_states, monitor, min_tokens=256
+        ),
+        "dev_harmful_recall": Rate.of(int(fired.sum()), len(fired)).to_dict(),
+        "response_auroc_dev_harmful_vs_eval_benign": response_auroc(harmful_peaks, benign_peaks),
+        "held_out_attacks": {},
+    }
+    for family, attacks in held_out.items():
+        table["held_out_attacks"][family] = held_out_recall(probe, attacks, monitor, deep=64)
+    return table
+
+
+def _states(
+    lm: LoadedModel, trajectories: Sequence[Trajectory], hooks: Sequence[str], batch_size: int
+):
+    pad = lm.tokenizer.pad_token_id or 0
+    return token_states(
+        lm.model,
+        [(t.prompt_ids, t.response_ids) for t in trajectories],
+        hooks,
+        batch_size=batch_size,
+        pad_id=pad,
+    )
+
+
+def choose_layer(
+    hooks: Sequence[str],
+    fit: Any,
+    train_tokens: dict[str, tuple[np.ndarray, np.ndarray]],
+    dev_harmful: dict[str, list[np.ndarray]],
+    calibration: dict[str, list[np.ndarray]],
+) -> list[dict[str, Any]]:
+    """Per hook: a plain fit and its dev response AUROC (harm vs calibration answers)."""
+    sweep = []
+    for hook in hooks:
+        probe = fit(*train_tokens[hook], None)
+        monitor = MonitorConfig()
+        auroc = response_auroc(
+            response_peaks(probe, dev_harmful[hook], monitor),
+            response_peaks(probe, calibration[hook], monitor),
+        )
+        sweep.append({"hook": hook, "dev_response_auroc": auroc})
+        logger.info("layer %s: dev response AUROC %.4f", hook, auroc)
+    return sorted(sweep, key=lambda r: -r["dev_response_auroc"])
+
+
+def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Trajectory]]:
+    """The run's harmful trajectories (:func:`training.probes.collect.harmful_trajectories`)."""
+    from training.attacks.judging import load_or_fit_judge
+
+    writer = lm if config.writer in (None, config.model) else load_model(config.writer)
+    return harmful_trajectories(
+        lm,
+        writer,
+        load_or_fit_judge(config.judge, data_dir=config.data_dir),
+        n_train=config.n_train_prompts,
+        n_dev=config.n_dev_prompts,
+        k=config.k,
+        criterion=config.criterion,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )
+
+
+def run_probe_v2(
+    config: ProbeV2Config,
+    lm: LoadedModel,
+    harmful: dict[str, list[Trajectory]],
+    corpus: dict[str, list[Trajectory]],
+    *,
+    baseline: LinearProbe | None = None,
+) -> dict[str, Any]:
+    """Fit, calibrate and evaluate probe v2 (see the module docstring).
+
+    Args:
+        config: The run.
+        lm: The guarded model.
+        harmful: ``train`` / ``dev`` harmful trajectories and ``safe`` refusals
+            (:func:`collect_harmful`); ``meta["harmful"]`` marks judged-harmful ones.
+        corpus: The model's own benign answers by split (``train``, ``calibration``,
+            ``eval``), each trajectory's ``meta`` naming its ``source`` (and ``held_out``).
+        baseline: A probe evaluated under the same protocol (e.g. the shipped one), at its
+            own threshold and a single-step debounce.
+
+    Returns:
+        The report (also written to ``<out>/probe_v2_report.json``).
+    """
+    start = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hooks = sweep_hooks(config.layers, lm.model.config.num_hidden_layers)
+
+    # Layer choice on a plain fit: harmful train + refusals + a subsample of benign train.
+    fit_sets = harmful["train"] + harmful["safe"]
+    dev = harmful_only(harmful["dev"])
+    if not dev or not corpus["calibration"]:
+        raise ConfigError(
+            f"probe v2 needs judged-harmful dev trajectories ({len(dev)}) and benign "
+            f"calibration answers ({len(corpus['calibration'])}); raise --n-dev-prompts or "
+            "complete the corpus"
+        )
+    subsample = corpus["train"][:: max(1, len(corpus["train"]) // 400)]
+    sweep_states = _states(
+        lm, fit_sets + dev + subsample + corpus["calibration"], hooks, config.batch_size
+    )
+    n_fit, n_dev, n_sub = len(fit_sets), len(dev), len(subsample)
+    train_tokens, dev_states, cal_states = {}, {}, {}
+    for hook in hooks:
+        s = sweep_states[hook]
+        train_tokens[hook] = labelled_tokens(
+            fit_sets + subsample, s[:n_fit] + s[n_fit + n_dev : n_fit + n_dev + n_sub]
+        )
+        dev_states[hook] = [harm_tail(t, x) for t, x in zip(dev, s[n_fit : n_fit + n_dev])]
+        cal_states[hook] = s[n_fit + n_dev + n_sub :]
+    sweep = choose_layer(
+        hooks,
+        lambda X, y, w: LinearProbe(hooks[0], C=config.C).fit(X, y, sample_weight=w),
+        train_tokens,
+        dev_states,
+        cal_states,
+    )
+    hook = sweep[0]["hook"]
+    del sweep_states, train_tokens
+
+    # Full states at the chosen hook.
+    fit_states = _states(lm, fit_sets, [hook], config.batch_size)[hook]
+    X_fit, y_fit = labelled_tokens(fit_sets, fit_states)
+    benign_train = _states(lm, corpus["train"], [hook], config.batch_size)[hook]
+    mined = fit_with_hard_negatives(
+        lambda X, y, w: LinearProbe(hook, C=config.C).fit(X, y, sample_weight=w),
+        X_fit[y_fit == UNSAFE],
+        X_fit[y_fit == SAFE],
+        benign_train,
+        answer_tags=[t.meta.get("source", "?") for t in corpus["train"]],
+        rounds=config.rounds,
+        seed=config.seed,
+    )
+    del benign_train
+    dev_full = [
+        harm_tail(t, x) for t, x in zip(dev, _states(lm, dev, [hook], config.batch_size)[hook])
+    ]
+    calibration = cal_states[hook]
+    X_cal = np.concatenate([*calibration, *dev_full])
+    y_cal = np.r_[np.zeros(sum(map(len, calibration))), np.ones(sum(map(len, dev_full)))].astype(
+        int
+    )
+    probe = platt_rescale(mined.probe, X_cal, y_cal)
+    debounce = choose_debounce(
+        probe, calibration, dev_full, target_rate=config.target_rate, confidence=config.confidence
+    )
+    monitor = debounce[0].monitor
+    eval_states = _states(lm, corpus["eval"], [hook], config.batch_size)[hook]
+    held_out = {}
+    for item in config.attack_records:
+        family, _, path = item.partition("=")
+        attacks = load_held_out_attacks(lm, Path(path), hook)
+        if attacks is not None:
+            held_out[family] = attacks
+    table = evaluate_probe(probe, monitor, corpus["eval"], eval_states, dev_full, held_out)
+    report: dict[str, Any] = {
+        "config": asdict(config),
+        "model_id": lm.model_id,
+        "hook": hook,
+        "layer_sweep": sweep,
+        "hard_negative_rounds": mined.rounds,
+        "platt": probe.metadata_["platt"],
+        "debounce_sweep": [c.row() for c in debounce],
+        "n": {
+            "harmful_train_trajectories": len(harmful["train"]),
+            "harmful_train_judged_harmful": len(harmful_only(harmful["train"])),
+            "dev_harmful": len(dev),
+            **{f"benign_{k}": len(v) for k, v in corpus.items()},
+        },
+        "probe_v2": table,
+    }
+    if baseline is not None:
+        base_hook = baseline.hook_name
+        base_eval = _states(lm, corpus["eval"], [base_hook], config.batch_size)[base_hook]
+        base_dev = [
+            harm_tail(t, x)
+            for t, x in zip(dev, _states(lm, dev, [base_hook], config.batch_size)[base_hook])
+        ]
+        base_held = {}
+        for item in config.attack_records:
+            family, _, path = item.partition("=")
+            attacks = load_held_out_attacks(lm, Path(path), base_hook)
+            if attacks is not None:
+                base_held[family] = attacks
+        report["baseline"] = evaluate_probe(
+            baseline, MonitorConfig(), corpus["eval"], base_eval, base_dev, base_held
+        )
+    probe.metadata_["evaluation"] = table
+    probe.metadata_["training_data"] = {
+        "recipe": "probe v2: RWI + prefill states vs own benign answers, hard-negative rounds",
+        "rounds": mined.rounds,
+        "n": report["n"],
+    }
+    probe.bind(lm.model, model_id=lm.model_id).save(out / "probe")
+    report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
