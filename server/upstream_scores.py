@@ -4,6 +4,8 @@ Each request of :class:`server.upstream.UpstreamVLLMEngine` holds one :class:`To
 
 - :class:`ShadowScores`: a copy of the model truncated after the probed layer
   (:class:`guard.shadow.ShadowScorer`) scores each arriving token with its own KV cache.
+  One :class:`ShadowBatcher` per engine scores the tokens of all live requests that
+  arrive within a few milliseconds of each other in one batched forward.
 - :class:`PluginScores` (fast path): the upstream runs the trajguard vLLM plugin with the
   same probe, so every token's score arrives on its event stream. Each upstream pass runs in
   ``observe`` mode under its own key; the score of output token ``i`` arrives while the
@@ -11,27 +13,35 @@ Each request of :class:`server.upstream.UpstreamVLLMEngine` holds one :class:`To
   assistant prefill is scored by a short pass that forces it (``trajguard_prefix``).
 
 A score that cannot be had is ``None`` (the request's rules fail it closed); a lost event
-stream is :class:`server.errors.EngineDeadError` (503).
+stream is :class:`server.errors.EngineDeadError` (503). The stream is trusted only after
+the channel's handshake (:mod:`guard.vllm.channel`): with ``TRAJGUARD_EVENTS_SECRET`` the
+publisher must prove the same secret; without it only a loopback stream is accepted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from guard.probe import LinearProbe
-from guard.shadow import ShadowScorer
-from guard.vllm.channel import EventSubscriber, ScoreFeed, probe_digest
-from guard.vllm.settings import DEFAULT_EVENTS, parse_address
+from guard.shadow import ShadowScorer, ShadowSession
+from guard.vllm.channel import EventSubscriber, ScoreFeed, probe_digest, secret_key
+from guard.vllm.settings import DEFAULT_EVENTS, EVENTS_SECRET_ENV, parse_address
 from server.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
 Score = float | None
+#: Longest wait of a shadow feed for others to batch with (a lone stream never waits).
+BATCH_WINDOW_S = 0.005
+#: Most sessions per batched shadow forward.
+MAX_BATCH = 32
 #: Sends one non-streamed upstream completion whose ``vllm_xargs`` are given.
 ForcedPass = Callable[[dict], Awaitable[None]]
 
@@ -69,17 +79,189 @@ class TokenScores(ABC):
     async def injected(self, token_ids: tuple[int, ...]) -> list[Score]:
         """Scores of recovery tokens the proxy put into the response (never judged)."""
 
+    def close(self) -> None:
+        """The request ended (called once, whatever the outcome)."""
+
+
+@dataclass(eq=False, slots=True)
+class _Feed:
+    """Tokens waiting for the shadow model, and who waits for their scores."""
+
+    session: ShadowSession
+    token_ids: list[int]
+    future: asyncio.Future
+
+
+class ShadowBatcher:
+    """One scoring loop for the shadow sessions of all live upstream streams.
+
+    Feeds that arrive within ``window_s`` of the first waiting one are scored in one
+    batched forward (:meth:`guard.shadow.ShadowScorer.feed_batch`, each session with its
+    own KV cache). The loop stops waiting as soon as every open session has a feed
+    waiting, so a lone stream is never delayed. Forwards run one at a time, off the event
+    loop; single tokens go first, longer feeds (prompts, recovery text) after them.
+
+    Args:
+        scorer: the shadow scorer.
+        window_s: longest wait for more feeds once one is waiting.
+        max_batch: most sessions per forward.
+    """
+
+    def __init__(
+        self,
+        scorer: ShadowScorer,
+        *,
+        window_s: float = BATCH_WINDOW_S,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self._scorer = scorer
+        self._window_s = window_s
+        self._max_batch = max_batch
+        self._open = 0
+        self._pending: list[_Feed] = []
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def open_session(self) -> ShadowSession:
+        """A new session, counted as open until :meth:`close_session`."""
+        self._open += 1
+        return self._scorer.session()
+
+    def close_session(self) -> None:
+        """A session will feed no more."""
+        self._open -= 1
+        if self._arrived is not None:
+            self._arrived.set()  # the feeds waiting may now be all there will be
+
+    async def feed(self, session: ShadowSession, token_ids: list[int]) -> list[float]:
+        """Scores of ``token_ids`` fed to ``session``, from the next batched forward.
+
+        Raises:
+            Exception: what scoring raised for this session.
+            ConnectionError: the loop was stopped.
+        """
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        future = loop.create_future()
+        self._pending.append(_Feed(session, token_ids, future))
+        self._arrived.set()
+        return await future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return
+        # Feeds left by a crashed task fail; those of a finished event loop are dropped.
+        stale = [feed for feed in self._pending if feed.future.get_loop() is loop]
+        self._fail(stale, ConnectionError("the shadow scoring loop stopped"))
+        self._pending = []
+        self._arrived = asyncio.Event()
+        self._task = loop.create_task(self._run(), name="trajguard-shadow-batcher")
+
+    async def close(self) -> None:
+        """Stop the loop; feeds still waiting fail with :class:`ConnectionError`."""
+        task, self._task = self._task, None
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail(self._pending, ConnectionError("the shadow scorer stopped"))
+        self._pending = []
+
+    async def _run(self) -> None:
+        try:
+            await self._serve()
+        except Exception:
+            logger.exception("the shadow scoring loop failed")
+            self._fail(self._pending, ConnectionError("the shadow scoring loop failed"))
+            raise
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = loop.time() + self._window_s
+            while len(self._pending) < min(self._open, self._max_batch):
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:  # every waiting request went away
+                continue
+            try:
+                outcomes = await asyncio.to_thread(self._score, batch)
+            except BaseException:
+                self._fail(batch, ConnectionError("the shadow scorer stopped"))
+                raise
+            for feed, outcome in zip(batch, outcomes):
+                if feed.future.done():  # the request went away meanwhile
+                    continue
+                if isinstance(outcome, BaseException):
+                    feed.future.set_exception(outcome)
+                else:
+                    feed.future.set_result(outcome)
+
+    def _take(self) -> list[_Feed]:
+        """The next batch: up to ``max_batch`` waiting feeds, one per session."""
+        batch, rest, sessions = [], [], set()
+        for feed in self._pending:
+            if feed.future.done():  # cancelled: its request went away
+                continue
+            if len(batch) < self._max_batch and id(feed.session) not in sessions:
+                batch.append(feed)
+                sessions.add(id(feed.session))
+            else:
+                rest.append(feed)
+        self._pending = rest
+        return batch
+
+    def _score(self, batch: list[_Feed]) -> list[list[float] | Exception]:
+        """Run the forwards of one batch (worker thread): one per token count."""
+        outcomes: list[list[float] | Exception] = [[] for _ in batch]
+        groups: dict[int, list[int]] = {}
+        for i, feed in enumerate(batch):
+            groups.setdefault(len(feed.token_ids), []).append(i)
+        for _, rows in sorted(groups.items()):
+            if len(rows) > 1:
+                try:
+                    scores = self._scorer.feed_batch(
+                        [batch[i].session for i in rows], [batch[i].token_ids for i in rows]
+                    )
+                except Exception:
+                    logger.exception("batched shadow scoring failed; scoring rows alone")
+                else:
+                    for i, row_scores in zip(rows, scores):
+                        outcomes[i] = row_scores
+                    continue
+            for i in rows:  # alone, so that a bad row fails only its own request
+                try:
+                    outcomes[i] = batch[i].session.feed(batch[i].token_ids)
+                except Exception as exc:  # noqa: BLE001 - handed to its request
+                    outcomes[i] = exc
+        return outcomes
+
+    @staticmethod
+    def _fail(feeds: list[_Feed], error: Exception) -> None:
+        for feed in feeds:
+            if not feed.future.done():
+                feed.future.set_exception(error)
+
 
 class ShadowScores(TokenScores):
-    """Scores from a local shadow model (one incremental session per request)."""
+    """Scores from the local shadow model (one incremental session per request), fed
+    through the shared :class:`ShadowBatcher`."""
 
-    def __init__(self, scorer: ShadowScorer) -> None:
-        self._session = scorer.session()
+    def __init__(self, batcher: ShadowBatcher) -> None:
+        self._batcher = batcher
+        self._session: ShadowSession | None = batcher.open_session()
 
     async def _feed(self, token_ids: list[int]) -> list[Score]:
         try:
-            # Scoring runs torch: keep it off the event loop.
-            return await asyncio.to_thread(self._session.feed, token_ids)
+            return await self._batcher.feed(self._session, token_ids)
         except Exception:
             logger.exception("shadow scoring failed")
             return [None] * len(token_ids)
@@ -97,6 +279,11 @@ class ShadowScores(TokenScores):
 
     async def injected(self, token_ids: tuple[int, ...]) -> list[Score]:
         return await self._feed(list(token_ids))
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session = None
+            self._batcher.close_session()
 
 
 class PluginScores(TokenScores):
@@ -177,3 +364,16 @@ def upstream_events_address(
     if value:
         return parse_address(value)
     return urlsplit(upstream).hostname or "127.0.0.1", parse_address(DEFAULT_EVENTS)[1]
+
+
+def upstream_events_secret(environ: Mapping[str, str] | None = None) -> str | None:
+    """The event stream's shared secret: ``TRAJGUARD_EVENTS_SECRET`` (the plugin's too).
+
+    Raises:
+        ConfigError: too short a secret.
+    """
+    env = os.environ if environ is None else environ
+    secret = env.get(EVENTS_SECRET_ENV, "").strip() or None
+    if secret is not None:
+        secret_key(secret)
+    return secret

@@ -12,7 +12,8 @@ Each step the model wrapper (:mod:`guard.vllm.models`) leaves one score per batc
 this processor maps rows to requests through vLLM's ``BatchUpdate`` bookkeeping, runs each
 guarded request's :class:`guard.vllm.session.RequestGuard` and, where a recovery is
 planned, masks the row's logits so the planned token is the only one that can be sampled
-(greedy or not). The step's events go to the event stream (:mod:`guard.vllm.channel`).
+(greedy or not). The step's events go to the event stream (:mod:`guard.vllm.channel`),
+authenticated when ``TRAJGUARD_EVENTS_SECRET`` is set (loopback only otherwise).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vllm.config import VllmConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from guard.monitor import resolve_threshold
+from guard.monitor import resolve_threshold, with_calibrated_debounce
 from guard.probe import LinearProbe
 from guard.version import __version__
 from guard.vllm._step import STEP_SCORES
@@ -48,8 +49,17 @@ def _shared_publisher(settings: PluginSettings, hello: dict) -> EventPublisher |
         if not _publisher_tried and settings.events is not None:
             _publisher_tried = True
             try:
-                _publisher = EventPublisher(*settings.events, hello=hello)
-                logger.info("trajguard: publishing guard events on %s:%d", *_publisher.address)
+                _publisher = EventPublisher(
+                    *settings.events, hello=hello, secret=settings.events_secret
+                )
+                if _publisher.authenticated:
+                    logger.info("trajguard: publishing guard events on %s:%d", *_publisher.address)
+                else:
+                    logger.warning(
+                        "trajguard: publishing guard events on %s:%d WITHOUT authentication: "
+                        "set TRAJGUARD_EVENTS_SECRET here and on the proxy",
+                        *_publisher.address,
+                    )
             except OSError as exc:
                 logger.warning(
                     "trajguard: cannot publish events on %s:%d (%s); guarding continues",
@@ -89,6 +99,7 @@ class TrajguardLogitsProcessor(LogitsProcessor):
         from vllm.tokenizers.registry import cached_tokenizer_from_config
 
         probe = LinearProbe.load(self.settings.probe)
+        self.monitor = with_calibrated_debounce(self.settings.monitor, probe)
         self.probe_threshold = probe.threshold_
         self.threshold = resolve_threshold(
             config=self.settings.monitor.threshold, probe=probe.threshold_
@@ -124,7 +135,7 @@ class TrajguardLogitsProcessor(LogitsProcessor):
         return RequestGuard(
             options,
             output_ids,
-            monitor=self.settings.monitor,
+            monitor=self.monitor,
             policy=self.settings.policy,
             threshold=self.probe_threshold,
             recovery_ids=self.recovery_ids,

@@ -10,12 +10,17 @@ Environment:
 ``TRAJGUARD_PROBE``            probe directory; unset = the plugin does nothing
 ``TRAJGUARD_EVENTS``           ``host:port`` of the score event stream (default
                                ``127.0.0.1:7461``; ``off`` disables it)
+``TRAJGUARD_EVENTS_SECRET``    shared secret (>= 16 characters) that subscribers must prove
+                               (HMAC handshake, :mod:`guard.vllm.channel`); the proxy reads
+                               the same variable. Unset: the stream is unauthenticated and
+                               may only bind loopback (a start-up error otherwise)
 ``TRAJGUARD_GUARD_ALL``        ``1``: requests without a ``trajguard`` option are guarded
 ``TRAJGUARD_POLICY``           ``stop`` (refusal message, then EOS) or ``rollback``
                                (recovery text, then the model continues); default rollback
 ``TRAJGUARD_THRESHOLD``        overrides the probe's calibrated threshold
 ``TRAJGUARD_DEBOUNCE``         ``k_of_n`` (with ``TRAJGUARD_K``, ``TRAJGUARD_N``) or ``ema``
-                               (with ``TRAJGUARD_EMA_ALPHA``)
+                               (with ``TRAJGUARD_EMA_ALPHA``); unset: the rule the probe
+                               was calibrated with
 ``TRAJGUARD_RECOVERY_TEXT``    text forced by ``rollback``
 ``TRAJGUARD_REFUSAL_MESSAGE``  text forced by ``stop`` before EOS
 ``TRAJGUARD_MAX_RECOVERIES``   rollbacks before a trigger stops the request
@@ -34,10 +39,13 @@ from typing import Any, Literal
 
 from guard.config import MonitorConfig, PolicyConfig
 from guard.errors import ConfigError
+from guard.vllm.channel import events_key
 
 Mode = Literal["off", "guard", "observe"]
 
 DEFAULT_EVENTS = "127.0.0.1:7461"
+#: The event stream's shared secret, read by the plugin and by the proxy.
+EVENTS_SECRET_ENV = "TRAJGUARD_EVENTS_SECRET"
 
 #: What ``--logits-processors`` must name for the guard to act.
 ACTUATOR = "guard.vllm.actuator:TrajguardLogitsProcessor"
@@ -82,6 +90,7 @@ class PluginSettings:
     Args:
         probe: probe directory, or ``None`` (plugin inactive).
         events: ``(host, port)`` of the event stream, or ``None`` (no stream).
+        events_secret: the stream's shared secret (``None``: unauthenticated, loopback only).
         guard_all: guard requests that do not say otherwise.
         monitor: debounce and threshold override.
         policy: ``kind`` (``stop``/``rollback``), texts and ``max_recoveries``.
@@ -90,6 +99,7 @@ class PluginSettings:
 
     probe: Path | None = None
     events: tuple[str, int] | None = None
+    events_secret: str | None = field(default=None, repr=False)
     guard_all: bool = False
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -100,6 +110,8 @@ class PluginSettings:
             raise ConfigError("the in-engine guard supports the stop and rollback policies")
         if self.on_monitor_error not in ("block", "allow"):
             raise ConfigError("TRAJGUARD_ON_MONITOR_ERROR must be 'block' or 'allow'")
+        if self.probe is not None and self.events is not None:  # active and publishing
+            events_key(self.events[0], self.events_secret)  # no secret: loopback only
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PluginSettings:
@@ -113,7 +125,7 @@ class PluginSettings:
         events = env.get("TRAJGUARD_EVENTS", DEFAULT_EVENTS).strip()
         monitor = MonitorConfig(
             threshold=float(env["TRAJGUARD_THRESHOLD"]) if env.get("TRAJGUARD_THRESHOLD") else None,
-            debounce=env.get("TRAJGUARD_DEBOUNCE", "k_of_n"),
+            debounce=env.get("TRAJGUARD_DEBOUNCE") or None,
             k=int(env.get("TRAJGUARD_K", 1)),
             n=int(env.get("TRAJGUARD_N", env.get("TRAJGUARD_K", 1))),
             ema_alpha=float(env.get("TRAJGUARD_EMA_ALPHA", 0.5)),
@@ -128,6 +140,7 @@ class PluginSettings:
         return cls(
             probe=Path(probe) if probe else None,
             events=None if events.lower() in _FALSE else parse_address(events),
+            events_secret=env.get(EVENTS_SECRET_ENV, "").strip() or None,
             guard_all=_flag(env.get("TRAJGUARD_GUARD_ALL", "0")),
             monitor=monitor,
             policy=policy,

@@ -103,6 +103,9 @@ class Engines:
             self._swap("plugin")
             env = {"TRAJGUARD_PROBE": str(PROBE_DIR)}
             env["TRAJGUARD_EVENTS"] = f"127.0.0.1:{self.events_port}"
+            # Unauthenticated loopback stream whatever the caller's environment holds: the
+            # tests' subscribers hold no secret (the handshake is tested in unit tests).
+            env["TRAJGUARD_EVENTS_SECRET"] = ""
             self._server = self._start(env, ("--logits-processors", ACTUATOR))
             self.log = EventLog(self.events_port)
         return self._server

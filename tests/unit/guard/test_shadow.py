@@ -49,3 +49,69 @@ def test_rewind_then_feed_matches_fresh_sequence(tiny_tokenizer):
         atol=1e-5,
         rtol=1e-4,
     )
+
+
+def assert_scores_close(got, expected, atol=1e-5, rtol=1e-4):
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_batched_feeds_equal_unbatched_sessions(tiny_tokenizer, model_type):
+    """Several sessions of different lengths, fed together in changing subsets (one joins
+    late, one skips a round, one rolls back, two take a recovery text together), score
+    exactly as the same feeds given to each session alone."""
+    model = build_tiny_model(model_type, len(tiny_tokenizer), n_layers=4)
+    probe = fitted_probe(32, hook="blocks.-3.hook_resid_post")
+    scorer = ShadowScorer.from_model(model, probe)
+    texts = [
+        "Sure, here is how to do it: step one",
+        "I'm sorry",
+        "The quick brown fox jumps over the lazy dog 0123456789",
+        "Here is a helpful answer to your question.",
+    ]
+    prompts = [tiny_tokenizer.encode(t) for t in texts]
+    continuation = tiny_tokenizer.encode(" step two, step three. The end. Sure, here is how")
+    recovery = tiny_tokenizer.encode(" I can't help")
+    batched = [scorer.session() for _ in prompts]
+    alone = [scorer.session() for _ in prompts]
+    got: list[list[float]] = [[] for _ in prompts]
+    want: list[list[float]] = [[] for _ in prompts]
+
+    def feed(rows: list[int], tokens: list[list[int]]) -> None:
+        outs = scorer.feed_batch([batched[r] for r in rows], tokens)
+        for r, t, out in zip(rows, tokens, outs):
+            got[r] += out
+            want[r] += alone[r].feed(t)
+
+    for r in (0, 1, 2):  # prompts of different lengths, each alone
+        feed([r], [prompts[r]])
+    for step, token in enumerate(continuation):
+        if step == 3:
+            feed([3], [prompts[3]])  # a request joins mid-way
+        rows = [r for r in range(4) if (step > 3 or r != 3) and not (r == 1 and step == 5)]
+        feed(rows, [[(token + 7 * r) % len(tiny_tokenizer)] for r in rows])
+        if step == 6:  # request 2 rolls back 4 tokens, then 0 and 2 get a recovery text
+            batched[2].rewind(4)
+            alone[2].rewind(4)
+            feed([0, 2], [recovery, recovery])
+    assert [s.length for s in batched] == [s.length for s in alone]
+    for r in range(4):
+        assert len(got[r]) == len(want[r])
+        # Tight: a tiny random model's scores all sit near 0.5, so a wrong position or
+        # mask moves them by only ~5e-5.
+        assert_scores_close(got[r], want[r], atol=2e-6, rtol=0)
+    # And "alone" is the model itself: the full forward of the sequence session 0 was fed.
+    seq0 = prompts[0] + continuation[:7] + recovery + continuation[7:]
+    assert_scores_close(got[0], full_model_scores(model, probe, seq0))
+
+
+def test_feed_batch_rejects_unequal_or_repeated_feeds(tiny_tokenizer):
+    model = build_tiny_model("llama", len(tiny_tokenizer), n_layers=2)
+    scorer = ShadowScorer.from_model(model, fitted_probe(32, hook="blocks.-1.hook_resid_post"))
+    a, b = scorer.session(), scorer.session()
+    with pytest.raises(ValueError, match="same length"):
+        scorer.feed_batch([a, b], [[10], [10, 11]])
+    with pytest.raises(ValueError, match="twice"):
+        scorer.feed_batch([a, a], [[10], [11]])
+    with pytest.raises(ValueError, match="rewind"):
+        a.rewind(1)

@@ -171,6 +171,7 @@ def test_settings_from_env():
         {
             "TRAJGUARD_PROBE": "/p",
             "TRAJGUARD_EVENTS": "0.0.0.0:9000",
+            "TRAJGUARD_EVENTS_SECRET": "a-secret-of-24-characters",
             "TRAJGUARD_POLICY": "stop",
             "TRAJGUARD_K": "2",
             "TRAJGUARD_N": "3",
@@ -179,6 +180,8 @@ def test_settings_from_env():
         }
     )
     assert str(settings.probe) == "/p" and settings.events == ("0.0.0.0", 9000)
+    assert settings.events_secret == "a-secret-of-24-characters"
+    assert "a-secret" not in repr(settings)
     assert settings.policy.kind == "stop" and settings.guard_all
     assert (settings.monitor.k, settings.monitor.n, settings.monitor.threshold) == (2, 3, 0.8)
     empty = PluginSettings.from_env({"TRAJGUARD_EVENTS": "off"})
