@@ -80,9 +80,11 @@ from tqdm.auto import tqdm
 from guard import GenerationResult, GuardedEngine, LoadedModel, SamplingParams, load_model
 from guard.errors import ConfigError
 from guard.models import DEFAULT_MODEL, model_fingerprint
+from training.common.benign import benign_train_prompts
 from training.common.endpoint import EndpointTarget, endpoint_base_url
 from training.common.generation import generate_requests
 from training.data.benign_sources import BENIGN_SOURCES, load_benign_prompts
+from training.data.loaders import PathLike
 from training.data.records import BenignPrompt
 from training.data.splits import similar_pairs, split_prompts
 from training.probes.trajectories import SAFE, Trajectory, chat_prompt_ids
@@ -590,21 +592,29 @@ def _grouped(
     return grouped
 
 
-def corpus_trajectories(answers: Iterable[BenignAnswer], lm: LoadedModel) -> list[Trajectory]:
+def corpus_trajectories(
+    answers: Iterable[BenignAnswer], lm: LoadedModel, *, data_dir: PathLike = None
+) -> list[Trajectory]:
     """Answers as all-``SAFE`` :class:`~training.probes.trajectories.Trajectory` s.
 
     Prompt ids come from ``lm``'s chat template, as at generation; empty answers (nothing
     to score) are left out. ``meta`` holds the answer's source, split, held-out flag,
-    sampling, seed, finish reason, key and text.
+    sampling, seed, finish reason, key and text, and ``alignment_pool``: whether the prompt
+    is one a safety-alignment mix may train on (:func:`benign_train_prompts`), i.e. the
+    guarded model may have been fine-tuned on it.
     """
     prompt_ids: dict[str, list[int]] = {}
+    pools: dict[str, set[str]] = {}
     out = []
     for a in answers:
         if not a.response_ids:
             continue
         if a.prompt not in prompt_ids:
             prompt_ids[a.prompt] = chat_prompt_ids(lm, a.prompt)
+        if a.source not in pools:
+            pools[a.source] = {p.prompt for p in benign_train_prompts(a.source, data_dir)}
         meta = {
+            "alignment_pool": a.prompt in pools[a.source],
             "source": a.source,
             "source_id": a.source_id,
             "split": a.split,
@@ -633,9 +643,16 @@ def load_corpus_trajectories(
     Each split's answers alternate between sources, so any prefix or stride of a split
     covers every source.
     """
+    if config is None:
+        config = BenignCorpusConfig.from_dict(
+            json.loads((Path(out) / CONFIG_FILE).read_text(encoding="utf-8"))
+        )
     grouped = load_corpus(out, config, require_complete=require_complete)
     return {
-        split: corpus_trajectories(_interleave(grouped[split].values()), lm) for split in SPLITS
+        split: corpus_trajectories(
+            _interleave(grouped[split].values()), lm, data_dir=config.data_dir
+        )
+        for split in SPLITS
     }
 
 

@@ -128,9 +128,11 @@ def false_trigger_table(
     peaks = response_peaks(probe, [states[i] for i in keep], monitor)
     fired = peaks >= probe.threshold_
     sources = [answers[i].meta.get("source", "?") for i in keep]
+    unseen = np.array([not answers[i].meta.get("alignment_pool", False) for i in keep], bool)
     table: dict[str, Any] = {
         "min_tokens": min_tokens,
         "overall": Rate.of(int(fired.sum()), len(keep)).to_dict(),
+        "outside_alignment_pool": Rate.of(int(fired[unseen].sum()), int(unseen.sum())).to_dict(),
     }
     for source in sorted(set(sources)):
         mask = np.array([s == source for s in sources])

@@ -3,6 +3,7 @@ cache, model-change refusal, endpoint generation, trajectories and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -18,6 +19,7 @@ from guard.errors import ConfigError
 from guard.hooks import hook_name
 from tests.conftest import build_tiny_model
 from training.cli import app
+from training.common.benign import benign_train_prompts
 from training.data.splits import similar_pairs
 from training.probes.corpus import (
     ANSWERS_FILE,
@@ -156,6 +158,12 @@ def test_build_resumes_and_converts_to_trajectories(tmp_path: Path, tiny_model_d
         assert t.labels == [SAFE] * len(a.response_ids) and t.recipe == "benign-own"
         assert t.meta["split"] == a.split and t.meta["source"] == a.source
         assert t.meta["held_out"] == a.held_out and t.meta["sampling"] == a.sampling
+        assert t.meta["alignment_pool"] is False  # evaluation-only sources: never trained on
+    trained_on = benign_train_prompts("self_instruct")[0].prompt  # what an SFT mix may use
+    (pooled,) = corpus_trajectories(
+        [dataclasses.replace(answers[0], source="self_instruct", prompt=trained_on)], lm
+    )
+    assert pooled.meta["alignment_pool"] is True
     by_split = load_corpus_trajectories(config.out, lm)
     assert {k: len(v) for k, v in by_split.items()} == {
         k: sum(len(v) for v in grouped[k].values()) for k in SPLITS
