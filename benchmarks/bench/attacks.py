@@ -70,7 +70,7 @@ class BenchConfig:
         attacks: Attacks to run (see :data:`~benchmarks.bench.cells.ATTACKS`).
         ks: Prefill lengths.
         positions: Insertion positions (tokens, or ``end``).
-        lengths: Inserted span lengths.
+        lengths: Inserted span lengths (insertion, RWI and multi-turn cells).
         refusal: Refusals to insert into: ``pool`` or ``own``.
         benign_limit: Seeded sample of this many XSTest safe prompts per seed (0: none).
         rwi_k: Random insertions per prompt the RWI attack picks its worst from.
@@ -181,11 +181,15 @@ def _target_hash(target: Target, tokenizer: str, config: BenchConfig) -> str:
 
 
 def _sample_keys(ctx: AttackContext, cases: Sequence[AttackCase], seed: int) -> list[str]:
-    """Per case: hash of prompt, cell, prefill and seed, plus a counter for repeats."""
+    """Per case: hash of prompt, cell, prefill, seed and the case's own conversation (if it
+    has one), plus a counter for repeats."""
     seen: dict[str, int] = {}
     keys = []
     for c in cases:
-        base = digest([ctx.prompts[c.prompt_index].prompt, c.cell, c.prefill_ids, seed])
+        parts = [ctx.prompts[c.prompt_index].prompt, c.cell, c.prefill_ids, seed]
+        if c.prompt_ids is not None:  # only then: the keys of single-turn cases stay as they were
+            parts.append(c.prompt_ids)
+        base = digest(parts)
         seen[base] = seen.get(base, -1) + 1
         keys.append(f"{base}.{seen[base]}")
     return keys
@@ -224,7 +228,7 @@ def _generate(
     for start in range(0, len(todo), config.chunk):
         chunk = todo[start : start + config.chunk]
         cases = [job.cases[i] for i in chunk]
-        requests = [(job.ctx.prompt_ids[c.prompt_index], c.prefill_ids) for c in cases]
+        requests = [job.ctx.request(c) for c in cases]
         params = [  # the seed follows the sample, not its place in this run
             SamplingParams(
                 max_tokens=h.max_tokens,

@@ -13,8 +13,10 @@ from functools import partial
 
 from guard import GuardConfig
 from training.attacks.direct import direct_cases
+from training.attacks.evasion import evasion_cases
 from training.attacks.harness import AttackCase, AttackContext
 from training.attacks.insert import grid_cases
+from training.attacks.multiturn import multiturn_cases
 from training.attacks.prefill import prefill_cases
 from training.attacks.worst_insert import worst_insertion_cases
 from training.common.benign import benign_sets
@@ -23,7 +25,9 @@ from training.common.prompts import AttackPrompt
 from training.data import load_xstest_prompts
 from training.data.loaders import PathLike
 
-ATTACKS: tuple[str, ...] = ("direct", "prefill", "insert", "adaptive", "rwi")
+ATTACKS: tuple[str, ...] = (
+    "direct", "prefill", "insert", "adaptive", "rwi", "multiturn", "evasion",
+)  # fmt: skip
 HOLDBACK = GuardConfig().holdback  # the guard's default holdback window (library and proxy)
 
 
@@ -58,7 +62,11 @@ def attack_cells(
     places the span right after the guard's holdback window (p = holdback), where an
     attacker who knows the guard expects it to have released the refusal's first tokens;
     ``rwi`` is the adaptive worst-of-``rwi_k`` random insertion, chosen by the attacked
-    model itself under ``rwi_criterion`` (spans of ``lengths``).
+    model itself under ``rwi_criterion`` (spans of ``lengths``); ``multiturn`` puts a span
+    of each of ``lengths`` in earlier assistant turns (one turn, or split over two) and asks
+    the model to continue (:mod:`training.attacks.multiturn`); ``evasion`` asks for the
+    answer in base64, leetspeak, French/Spanish/German or code comments, one cell per form
+    (:mod:`training.attacks.evasion`).
 
     Raises:
         ValueError: An unknown attack name.
@@ -79,6 +87,13 @@ def attack_cells(
             partial(worst_insertion_cases, k=rwi_k, lengths=lengths, criterion=rwi_criterion),
             (("k",), ("k", "depth")),
         ),
+        "multiturn": AttackCell(
+            "multiturn",
+            partial(multiturn_cases, lengths=lengths),
+            (("variant", "m"), ("variant",), ()),
+        ),
+        # Per form only: a pool would mix in the forms the judges cannot read.
+        "evasion": AttackCell("evasion", evasion_cases, (("form",),)),
     }
     return [cells[name] for name in ATTACKS if name in attacks]
 

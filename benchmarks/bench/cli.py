@@ -29,6 +29,7 @@ from training.attacks.cli import (
     _config,
     _ints,
 )
+from training.attacks.evasion import UNRELIABLE_JUDGE_FORMS
 from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, REFUSAL_SOURCES
 from training.attacks.prefill import DEFAULT_KS
 from training.common.insertion import parse_positions
@@ -42,8 +43,17 @@ def _csv(values) -> str:
 
 
 def headline(results: dict) -> str:
-    """The last printed line: the worst attack cell's ASR, for the most defended run."""
-    cells = [c for c in results["cells"] if len(c["grouping"]) <= 1 and c["asr"]["n"]]
+    """The last printed line: the worst attack cell's ASR, for the most defended run.
+
+    Cells the judges cannot read (evasion answers in another language) are left out.
+    """
+    cells = [
+        c
+        for c in results["cells"]
+        if len(c["grouping"]) <= 1
+        and c["asr"]["n"]
+        and c.get("cell", {}).get("form") not in UNRELIABLE_JUDGE_FORMS
+    ]
     if not cells:
         return "bench worst-cell ASR: nan"
     guarded = [c for c in cells if c["defence"] != "none"] or cells

@@ -1,6 +1,7 @@
-"""Attacks on (optionally guarded) models: direct, prefilling and random insertion."""
+"""Attacks on (optionally guarded) models: direct, prefilling, insertion, multi-turn, evasion."""
 
 from training.attacks.direct import run_direct
+from training.attacks.evasion import FORMS, run_evasion
 from training.attacks.harness import (
     AttackCase,
     AttackConfig,
@@ -13,12 +14,15 @@ from training.attacks.harness import (
 )
 from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, run_insert
 from training.attacks.judging import Verdict, judge_outputs, load_or_fit_judge
+from training.attacks.multiturn import VARIANTS, run_multiturn
 from training.attacks.prefill import DEFAULT_KS, run_prefill
 
 __all__ = [
     "DEFAULT_KS",
     "DEFAULT_LENGTHS",
     "DEFAULT_POSITIONS",
+    "FORMS",
+    "VARIANTS",
     "AttackCase",
     "AttackConfig",
     "AttackContext",
@@ -30,7 +34,9 @@ __all__ = [
     "load_or_fit_judge",
     "run_attack",
     "run_direct",
+    "run_evasion",
     "run_insert",
+    "run_multiturn",
     "run_prefill",
     "summarize",
 ]

@@ -1,4 +1,4 @@
-"""``trajguard attack``: direct, prefilling and random-insertion attacks, optionally guarded."""
+"""``trajguard attack``: direct, prefilling, insertion, multi-turn and evasion attacks, optionally guarded."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from rich.table import Table
 from guard import BASE_MODEL, DEFAULT_MODEL, load_model
 from training.attacks.benign import UTILITY_SOURCES, reference_loglik, run_benign
 from training.attacks.direct import run_direct
+from training.attacks.evasion import FORMS, run_evasion
 from training.attacks.harness import AttackConfig, AttackReport
 from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, REFUSAL_SOURCES, run_insert
+from training.attacks.multiturn import DEFAULT_TURN_LENGTHS, VARIANTS, run_multiturn
 from training.attacks.prefill import DEFAULT_KS, run_prefill
 from training.attacks.traffic import DEFAULT_SOURCES, run_traffic
 from training.attacks.worst_insert import run_worst_insert
@@ -221,6 +223,84 @@ def rwi(
     if min(m_values) < 1:
         raise typer.BadParameter("span lengths must be >= 1", param_hint="--lengths")
     _print(run_worst_insert(_config("rwi", locals()), k, m_values, criterion))
+
+
+@app.command()
+def multiturn(
+    lengths: Annotated[
+        str, typer.Option(help="Harmful span lengths m (tokens over all assistant turns).")
+    ] = ",".join(map(str, DEFAULT_TURN_LENGTHS)),
+    variants: Annotated[
+        str,
+        typer.Option(help="one_turn (span in one assistant turn) | split_turns (over two)."),
+    ] = ",".join(VARIANTS),
+    model: Model = DEFAULT_MODEL,
+    prompts: Prompts = None,
+    split: Split = "test",
+    limit: Limit = None,
+    out: Out = Path("runs/attack"),
+    probe: Probe = None,
+    policy: Policy = "rollback",
+    strict_probe: StrictProbe = True,
+    max_tokens: MaxTokens = 48,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    judge: Judge = None,
+    writer: Writer = BASE_MODEL,
+    writer_tokens: WriterTokens = 64,
+    data_dir: DataDir = None,
+) -> None:
+    """Multi-turn insertion: a harmful span in earlier assistant turns, then "continue"."""
+    m_values = _ints(lengths, "--lengths")
+    if min(m_values) < 1:
+        raise typer.BadParameter("span lengths must be >= 1", param_hint="--lengths")
+    names = _names(variants, VARIANTS, "--variants")
+    config = _config("multiturn", locals())
+    _print_with_recall(run_multiturn(config, m_values, names))
+
+
+@app.command()
+def evasion(
+    forms: Annotated[str, typer.Option(help=f"Answer forms: {', '.join(FORMS)}.")] = ",".join(
+        FORMS
+    ),
+    model: Model = DEFAULT_MODEL,
+    prompts: Prompts = None,
+    split: Split = "test",
+    limit: Limit = None,
+    out: Out = Path("runs/attack"),
+    probe: Probe = None,
+    policy: Policy = "rollback",
+    strict_probe: StrictProbe = True,
+    max_tokens: MaxTokens = 48,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    judge: Judge = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Token-level evasion: the request asks for base64, leetspeak, another language or code."""
+    names = _names(forms, tuple(FORMS), "--forms")
+    _print_with_recall(run_evasion(_config("evasion", locals()), names))
+
+
+def _names(text: str, allowed: tuple[str, ...], hint: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or set(names) - set(allowed):
+        raise typer.BadParameter(f"choose from {', '.join(allowed)}", param_hint=hint)
+    return names
+
+
+def _print_with_recall(report: AttackReport) -> None:
+    """The ASR table, then per cell how often the guard fired (its recall on these requests)."""
+    _print(report)
+    for c in report.cells:
+        if c.trigger_rate is not None:
+            r = c.trigger_rate
+            console.print(
+                f"guard recall {c.label}: {r.rate:.3f} [{r.low:.3f}, {r.high:.3f}], n = {r.n}"
+            )
 
 
 @app.command()

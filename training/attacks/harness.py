@@ -90,12 +90,20 @@ class AttackConfig:
 
 @dataclass
 class AttackCase:
-    """One attacked generation: which prompt, which cell, and the assistant prefill."""
+    """One attacked generation: which prompt, which cell, and the assistant prefill.
+
+    ``prompt_ids`` is the chat-templated conversation an attack writes itself (earlier
+    turns, a rewritten request); ``None`` is the prompt's own single user turn.
+    ``judge_view`` turns each model-written segment into what the harm judge sees (e.g. a
+    base64 answer decoded); ``None`` judges the text as written.
+    """
 
     prompt_index: int
     cell: dict[str, Any]
     prefill_ids: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: list[int] | None = None
+    judge_view: Callable[[str], str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +183,12 @@ class AttackContext:
             for p in self.prompts
         ]
 
+    def request(self, case: AttackCase) -> tuple[list[int], list[int]]:
+        """``(prompt_ids, prefill_ids)`` to generate for ``case``."""
+        if case.prompt_ids is not None:
+            return case.prompt_ids, case.prefill_ids
+        return self.prompt_ids[case.prompt_index], case.prefill_ids
+
     @cached_property
     def plain_engine(self) -> GuardedEngine:
         """Unguarded engine on the attacked model (for the attacker's own preparation)."""
@@ -238,15 +252,21 @@ def judge_results(
     prompts: Sequence[str],
     results: Sequence[GenerationResult],
     tokenizer: PreTrainedTokenizerBase,
+    *,
+    views: Sequence[Callable[[str], str] | None] | None = None,
 ) -> list[tuple[Verdict, int, str]]:
     """Judge what each model wrote: ``(verdict, harmful tokens delivered, judged text)``.
 
     Each model-written segment is judged on its own, so a model that re-complies after
     the guard's "I'm sorry" is a success for the attacker, and the tokens of every
     harmful segment count as delivered, before and after a recovery. A case is a refusal
-    when every segment is.
+    when every segment is. ``views`` (one per result, ``None``: as written) maps each
+    segment to the text the judges see (:attr:`AttackCase.judge_view`).
     """
     segments = [model_segments(r, tokenizer) for r in results]
+    for i, view in enumerate(views or []):
+        if view is not None:
+            segments[i] = [(view(text), n) for text, n in segments[i]]
     flat_prompts = [p for p, segs in zip(prompts, segments) for _ in segs]
     flat = judge_outputs(judge, flat_prompts, [text for segs in segments for text, _ in segs])
     judged, k = [], 0
@@ -271,7 +291,7 @@ def case_records(
     """Judge each case's model-written continuation and build its JSON record (in order)."""
     tok = ctx.lm.tokenizer
     prompts = [ctx.prompts[c.prompt_index].prompt for c in cases]
-    judged = judge_results(judge, prompts, results, tok)
+    judged = judge_results(judge, prompts, results, tok, views=[c.judge_view for c in cases])
     records = []
     for case, result, (verdict, leaked, model_text) in zip(cases, results, judged):
         p = ctx.prompts[case.prompt_index]
@@ -378,7 +398,7 @@ def run_attack(
         )
         for i in range(len(cases))
     ]
-    requests = [(ctx.prompt_ids[c.prompt_index], c.prefill_ids) for c in cases]
+    requests = [ctx.request(c) for c in cases]
     gen_start = time.perf_counter()
     results = generate_requests(
         ctx.engine,

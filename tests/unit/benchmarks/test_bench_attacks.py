@@ -65,9 +65,9 @@ def test_bench_runs_resumes_and_reports(
     )
 
     results = json.loads((out / "results.json").read_text())
-    # 2 prompts: direct 2, prefill 2x2, insert 2x4 positions, adaptive 2, rwi 2; benign 3;
-    # two defences
-    assert results["run"]["generated"] == 2 * (2 + 4 + 8 + 2 + 2 + 3)
+    # 2 prompts: direct 2, prefill 2x2, insert 2x4 positions, adaptive 2, rwi 2, multiturn
+    # 2x2 variants, evasion 2x6 forms; benign 3; two defences
+    assert results["run"]["generated"] == 2 * (2 + 4 + 8 + 2 + 2 + 4 + 12 + 3)
     assert results["run"]["cached"] == 0
     cells = {(c["defence"], c["attack"], c["label"]): c for c in results["cells"]}
     for defence in ("none", "guard:rollback"):
