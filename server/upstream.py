@@ -333,6 +333,10 @@ class UpstreamVLLMEngine(GuardEngine):
         xargs = None if scores is None else scores.open_pass(len(request.response_ids))
         if xargs is not None:
             body["vllm_xargs"] = xargs
+        # The last output is yielded only after the upstream response is closed: a consumer
+        # that stops (or is cancelled) once it has the finished output must not leave the
+        # connection checked out of the pool (it leaked, and the pool ran dry under load).
+        final: tuple[RequestOutput | None, Recovery | None] | None = None
         try:
             async with self._client.stream("POST", "/v1/completions", json=body) as response:
                 await _check_status(response)
@@ -347,13 +351,15 @@ class UpstreamVLLMEngine(GuardEngine):
                     for k, token in enumerate(tokens):
                         last = reason is not None and k == len(tokens) - 1
                         recovery = await self._accept(request, scores, token, final=last)
-                        yield request.take_output(), recovery
                         if recovery is not None or request.finished:
-                            return
-                    if reason is not None:
-                        request.finish("length" if reason == "length" else "stop")
+                            final = (request.take_output(), recovery)
+                            break
                         yield request.take_output(), None
-                        return
+                    if final is None and reason is not None:
+                        request.finish("length" if reason == "length" else "stop")
+                        final = (request.take_output(), None)
+                    if final is not None:
+                        break
         except httpx.HTTPError as exc:
             raise EngineDeadError(
                 f"upstream {self._url} failed mid-stream: {type(exc).__name__}"
@@ -361,6 +367,8 @@ class UpstreamVLLMEngine(GuardEngine):
         finally:
             if scores is not None:
                 scores.close_pass()
+        if final is not None:
+            yield final
 
     async def _accept(
         self, request: GuardedRequest, scores: TokenScores | None, token: int, *, final: bool
