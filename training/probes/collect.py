@@ -48,12 +48,16 @@ class ProbeSets:
 
 
 def _harmful_part(
-    config: ProbeTrainingConfig, writer: LoadedModel, split: str, n: int
+    writer: LoadedModel,
+    split: str,
+    n: int,
+    *,
+    seed: int,
+    batch_size: int,
+    data_dir: str | None,
 ) -> tuple[list[AttackPrompt], list[HarmfulSource]]:
-    prompts = load_attack_prompts(split=split, limit=n, seed=config.seed, data_dir=config.data_dir)
-    responses = harmful_responses(
-        prompts, writer, batch_size=config.batch_size, data_dir=config.data_dir
-    )
+    prompts = load_attack_prompts(split=split, limit=n, seed=seed, data_dir=data_dir)
+    responses = harmful_responses(prompts, writer, batch_size=batch_size, data_dir=data_dir)
     return prompts, [HarmfulSource(p.prompt, r.text, r.source) for p, r in zip(prompts, responses)]
 
 
@@ -68,8 +72,9 @@ def collect_trajectories(
     config: ProbeTrainingConfig, lm: LoadedModel, writer: LoadedModel, judge: HarmJudge
 ) -> ProbeSets:
     """Worst-insertion, ablation, safe and benign-answer trajectories (see :class:`ProbeSets`)."""
-    train_prompts, train_sources = _harmful_part(config, writer, "train", config.n_train_prompts)
-    dev_prompts, dev_sources = _harmful_part(config, writer, "dev", config.n_dev_prompts)
+    part = {"seed": config.seed, "batch_size": config.batch_size, "data_dir": config.data_dir}
+    train_prompts, train_sources = _harmful_part(writer, "train", config.n_train_prompts, **part)
+    dev_prompts, dev_sources = _harmful_part(writer, "dev", config.n_dev_prompts, **part)
     pool = train_span_texts([], data_dir=config.data_dir)
     options: dict[str, Any] = {
         "k": config.k,
@@ -134,8 +139,9 @@ def harmful_trajectories(
     judged); the next ``n_dev`` give ``dev`` the same way (never fitted on); ``safe`` holds
     refusals of the train prompts.
     """
-    config = ProbeTrainingConfig(batch_size=batch_size, seed=seed, data_dir=data_dir)
-    prompts, sources = _harmful_part(config, writer, "train", n_train + n_dev)
+    prompts, sources = _harmful_part(
+        writer, "train", n_train + n_dev, seed=seed, batch_size=batch_size, data_dir=data_dir
+    )
     pool = train_span_texts([], data_dir=data_dir)
     spans = _span_choices(sources, pool, seed)
     options: dict[str, Any] = {

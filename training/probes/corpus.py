@@ -536,6 +536,13 @@ def _generate(
 # --- loading and conversion ----------------------------------------------------------------
 
 
+def saved_config(out: str | Path) -> BenignCorpusConfig:
+    """The config of the last :func:`build_corpus` into ``out`` (``OUT/config.json``)."""
+    return BenignCorpusConfig.from_dict(
+        json.loads((Path(out) / CONFIG_FILE).read_text(encoding="utf-8"))
+    )
+
+
 def load_corpus(
     out: str | Path, config: BenignCorpusConfig | None = None, *, require_complete: bool = False
 ) -> dict[str, dict[str, list[BenignAnswer]]]:
@@ -558,9 +565,7 @@ def load_corpus(
     """
     out = Path(out)
     if config is None:
-        config = BenignCorpusConfig.from_dict(
-            json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
-        )
+        config = saved_config(out)
     rows = _read_rows(out / ANSWERS_FILE)
     return _grouped(config, plan_corpus(config), rows, out, require_complete=require_complete)
 
@@ -644,9 +649,7 @@ def load_corpus_trajectories(
     covers every source.
     """
     if config is None:
-        config = BenignCorpusConfig.from_dict(
-            json.loads((Path(out) / CONFIG_FILE).read_text(encoding="utf-8"))
-        )
+        config = saved_config(out)
     grouped = load_corpus(out, config, require_complete=require_complete)
     return {
         split: corpus_trajectories(

@@ -69,7 +69,7 @@ def fit_with_hard_negatives(
     ]
     X_safe = np.concatenate(base)
     mined: list[np.ndarray] = []
-    report = HardNegativeRounds(probe=None)  # type: ignore[arg-type]
+    rows: list[dict[str, Any]] = []
     for round_index in range(rounds + 1):
         X_hard = np.concatenate(mined) if mined else np.empty((0, unsafe.shape[1]))
         X = np.concatenate([unsafe, X_safe, X_hard])
@@ -91,12 +91,11 @@ def fit_with_hard_negatives(
         if answer_tags is not None:
             tags = [answer_tags[i] for i in hardest]
             row["hardest_by_tag"] = {t: tags.count(t) for t in sorted(set(tags))}
-        report.rounds.append(row)
-        report.probe = probe
+        rows.append(row)
         if round_index == rounds:
             break
         for i in hardest:
             answer = benign_answers[i]
             hot = np.argsort(-probe.decision_function(answer))[:tokens_per_answer]
             mined.append(answer[hot])
-    return report
+    return HardNegativeRounds(probe, rows)

@@ -106,7 +106,7 @@ def choose_debounce(
         threshold = calibrate_threshold(
             probe, calibration, target_rate=target_rate, monitor=monitor, confidence=confidence
         )
-        rate = float(np.mean(response_peaks(probe, calibration, monitor) >= threshold))
+        rate = probe.metadata_["calibration"]["achieved_response_rate"]
         recall = float(np.mean(response_peaks(probe, dev_harmful, monitor) >= threshold))
         results.append(DebounceChoice(monitor, threshold, rate, recall))
     order = sorted(range(len(results)), key=lambda i: (-results[i].dev_recall, i))

@@ -184,9 +184,41 @@ def _states(
     )
 
 
+@dataclass
+class EvaluationInputs:
+    """What a probe at one hook is evaluated on: eval answers' states, dev harm from where
+    it starts, and the held-out attack records by family."""
+
+    eval_states: list[np.ndarray]
+    dev_harmful: list[np.ndarray]
+    held_out: dict[str, Any]
+
+
+def evaluation_inputs(
+    config: ProbeV2Config,
+    lm: LoadedModel,
+    hook: str,
+    dev: Sequence[Trajectory],
+    eval_answers: Sequence[Trajectory],
+) -> EvaluationInputs:
+    """States at ``hook`` of everything :func:`evaluate_probe` reads."""
+    held_out = {}
+    for item in config.attack_records:
+        family, _, path = item.partition("=")
+        attacks = load_held_out_attacks(lm, Path(path), hook)
+        if attacks is not None:
+            held_out[family] = attacks
+    dev_states = _states(lm, dev, [hook], config.batch_size)[hook]
+    return EvaluationInputs(
+        _states(lm, eval_answers, [hook], config.batch_size)[hook],
+        [harm_tail(t, x) for t, x in zip(dev, dev_states)],
+        held_out,
+    )
+
+
 def choose_layer(
     hooks: Sequence[str],
-    fit: Any,
+    C: float,
     train_tokens: dict[str, tuple[np.ndarray, np.ndarray]],
     dev_harmful: dict[str, list[np.ndarray]],
     calibration: dict[str, list[np.ndarray]],
@@ -194,7 +226,7 @@ def choose_layer(
     """Per hook: a plain fit and its dev response AUROC (harm vs calibration answers)."""
     sweep = []
     for hook in hooks:
-        probe = fit(*train_tokens[hook], None)
+        probe = LinearProbe(hook, C=C).fit(*train_tokens[hook])
         monitor = MonitorConfig()
         auroc = response_auroc(
             response_peaks(probe, dev_harmful[hook], monitor),
@@ -275,13 +307,7 @@ def run_probe_v2(
         )
         dev_states[hook] = [harm_tail(t, x) for t, x in zip(dev, s[n_fit : n_fit + n_dev])]
         cal_states[hook] = s[n_fit + n_dev + n_sub :]
-    sweep = choose_layer(
-        hooks,
-        lambda X, y, w: LinearProbe(hooks[0], C=config.C).fit(X, y, sample_weight=w),
-        train_tokens,
-        dev_states,
-        cal_states,
-    )
+    sweep = choose_layer(hooks, config.C, train_tokens, dev_states, cal_states)
     hook = sweep[0]["hook"]
     del sweep_states, train_tokens
 
@@ -299,9 +325,8 @@ def run_probe_v2(
         seed=config.seed,
     )
     del benign_train
-    dev_full = [
-        harm_tail(t, x) for t, x in zip(dev, _states(lm, dev, [hook], config.batch_size)[hook])
-    ]
+    inputs = evaluation_inputs(config, lm, hook, dev, corpus["eval"])
+    dev_full = inputs.dev_harmful
     calibration = cal_states[hook]
     X_cal = np.concatenate([*calibration, *dev_full])
     y_cal = np.r_[np.zeros(sum(map(len, calibration))), np.ones(sum(map(len, dev_full)))].astype(
@@ -312,14 +337,9 @@ def run_probe_v2(
         probe, calibration, dev_full, target_rate=config.target_rate, confidence=config.confidence
     )
     monitor = debounce[0].monitor
-    eval_states = _states(lm, corpus["eval"], [hook], config.batch_size)[hook]
-    held_out = {}
-    for item in config.attack_records:
-        family, _, path = item.partition("=")
-        attacks = load_held_out_attacks(lm, Path(path), hook)
-        if attacks is not None:
-            held_out[family] = attacks
-    table = evaluate_probe(probe, monitor, corpus["eval"], eval_states, dev_full, held_out)
+    table = evaluate_probe(
+        probe, monitor, corpus["eval"], inputs.eval_states, dev_full, inputs.held_out
+    )
     report: dict[str, Any] = {
         "config": asdict(config),
         "model_id": lm.model_id,
@@ -337,20 +357,15 @@ def run_probe_v2(
         "probe_v2": table,
     }
     if baseline is not None:
-        base_hook = baseline.hook_name
-        base_eval = _states(lm, corpus["eval"], [base_hook], config.batch_size)[base_hook]
-        base_dev = [
-            harm_tail(t, x)
-            for t, x in zip(dev, _states(lm, dev, [base_hook], config.batch_size)[base_hook])
-        ]
-        base_held = {}
-        for item in config.attack_records:
-            family, _, path = item.partition("=")
-            attacks = load_held_out_attacks(lm, Path(path), base_hook)
-            if attacks is not None:
-                base_held[family] = attacks
+        if baseline.hook_name != hook:
+            inputs = evaluation_inputs(config, lm, baseline.hook_name, dev, corpus["eval"])
         report["baseline"] = evaluate_probe(
-            baseline, MonitorConfig(), corpus["eval"], base_eval, base_dev, base_held
+            baseline,
+            MonitorConfig(),
+            corpus["eval"],
+            inputs.eval_states,
+            inputs.dev_harmful,
+            inputs.held_out,
         )
     probe.metadata_["evaluation"] = table
     probe.metadata_["training_data"] = {
