@@ -163,41 +163,63 @@ def test_mixed_batch_keeps_rows_apart(engines, default_lm, probe, prompts):
     """
     server = engines.plugin()
     n = 96  # long enough that the four requests overlap on a busy machine
-    jobs = [
-        (prompts[0], {"trajguard": "observe", "trajguard_id": "mix-a"}),
-        (
-            prompts[1],
-            {
-                "trajguard": "on",
-                "trajguard_id": "mix-b",
-                "trajguard_threshold": 0.0,
-                "trajguard_policy": "stop",
-            },
-        ),
-        (prompts[2], None),
-        (prompts[3], {"trajguard": "observe", "trajguard_id": "mix-d"}),
-    ]
 
-    def send(prompt, xargs):
-        return server.complete(prompt, n, ignore_eos=True, xargs=xargs)
+    def attempt(tag: str) -> tuple[list[dict], dict[str, str], bool, str]:
+        ids = {name: f"mix-{name}-{tag}" for name in "abd"}
+        jobs = [
+            (prompts[0], {"trajguard": "observe", "trajguard_id": ids["a"]}),
+            (
+                prompts[1],
+                {
+                    "trajguard": "on",
+                    "trajguard_id": ids["b"],
+                    "trajguard_threshold": 0.0,
+                    "trajguard_policy": "stop",
+                },
+            ),
+            (prompts[2], None),
+            (prompts[3], {"trajguard": "observe", "trajguard_id": ids["d"]}),
+        ]
 
-    # The forced row ends a few steps after it starts (token 0, then the refusal), so it
-    # is sent only once the two observed rows are decoding: arrival order of concurrent
-    # HTTP requests is up to the machine, joining a running batch is the engine's job.
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {k: pool.submit(send, *jobs[k]) for k in (0, 2, 3)}
-        engines.log.wait("mix-a", range(0, 2))
-        engines.log.wait("mix-d", range(0, 2))
-        futures[1] = pool.submit(send, *jobs[1])
-        choices = [futures[k].result() for k in range(len(jobs))]
-    # They shared decoding steps (one batch) ...
-    keys = {"mix-a", "mix-b", "mix-d"}
-    steps = [{e["id"] for e in line.get("ev", ())} & keys for line in engines.log.lines]
-    assert any(keys <= step for step in steps), [sorted(step) for step in steps if step]
+        def send(prompt, xargs):
+            return server.complete(prompt, n, ignore_eos=True, xargs=xargs)
+
+        # The forced row ends a few steps after it starts (token 0, then the refusal), so
+        # it is sent only once the two observed rows are decoding: arrival order of
+        # concurrent HTTP requests is up to the machine, joining a running batch is the
+        # engine's job.
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            futures = {k: pool.submit(send, *jobs[k]) for k in (0, 2, 3)}
+            engines.log.wait(ids["a"], range(0, 2))
+            engines.log.wait(ids["d"], range(0, 2))
+            futures[1] = pool.submit(send, *jobs[1])
+            choices = [futures[k].result() for k in range(len(jobs))]
+        keys = set(ids.values())
+        steps = [{e["id"] for e in line.get("ev", ())} & keys for line in engines.log.lines]
+        shared = any(keys <= step for step in steps)
+        counts = {key: sum(key in step for step in steps) for key in sorted(keys)}
+        return (
+            choices,
+            ids,
+            shared,
+            f"steps per row {counts}, first: {[sorted(s) for s in steps if s][:8]}",
+        )
+
+    # They shared decoding steps (one batch). Whether the scheduler puts three requests
+    # sent within milliseconds into one step is up to the machine's timing, so the
+    # overlap (the precondition) gets three tries; the checks below run on the try that
+    # overlapped.
+    tries = []
+    for tag in "123":
+        choices, ids, shared, diagnostic = attempt(tag)
+        tries.append(diagnostic)
+        if shared:
+            break
+    assert shared, tries
     # ... each row's scores belong to its own request (and are closer to its reference
     # than to the other row's, so a row swap fails even when a probe scores all benign
     # text alike) ...
-    rows = [("mix-a", prompts[0], choices[0]), ("mix-d", prompts[3], choices[3])]
+    rows = [(ids["a"], prompts[0], choices[0]), (ids["d"], prompts[3], choices[3])]
     references = [hf_scores(default_lm, probe, p + c["token_ids"]) for _, p, c in rows]
     for k, (key, prompt, _) in enumerate(rows):
         events = engines.log.wait(key, range(-1, n - 1))
