@@ -11,13 +11,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from guard import GuardConfig
+from guard import GuardConfig, LinearProbe
 from training.attacks.direct import direct_cases
 from training.attacks.evasion import evasion_cases
 from training.attacks.harness import AttackCase, AttackContext
 from training.attacks.insert import grid_cases
 from training.attacks.multiturn import multiturn_cases
 from training.attacks.prefill import prefill_cases
+from training.attacks.probe_aware import probe_aware_cases
+from training.attacks.rap import DEFAULT_TOP_K, PrefixCache, rap_cases
 from training.attacks.worst_insert import worst_insertion_cases
 from training.common.benign import benign_sets
 from training.common.insertion import Position
@@ -28,6 +30,10 @@ from training.data.loaders import PathLike
 ATTACKS: tuple[str, ...] = (
     "direct", "prefill", "insert", "adaptive", "rwi", "multiturn", "evasion",
 )  # fmt: skip
+OPT_IN_ATTACKS: tuple[str, ...] = ("rap", "probe_aware")
+"""Families left out of the default run for their cost (RAP: a top-k search per prompt;
+probe_aware: a gradient search per prompt, and it needs the guard's probe)."""
+ALL_ATTACKS: tuple[str, ...] = ATTACKS + OPT_IN_ATTACKS
 HOLDBACK = GuardConfig().holdback  # the guard's default holdback window (library and proxy)
 
 
@@ -55,8 +61,9 @@ def attack_cells(
     refusal: str = "pool",
     rwi_k: int = 8,
     rwi_criterion: str = "harm_likelihood",
+    rap_top_k: int = DEFAULT_TOP_K,
 ) -> list[AttackCell]:
-    """The requested cells, in :data:`ATTACKS` order.
+    """The requested cells, in :data:`ALL_ATTACKS` order.
 
     ``insert`` is the (position, span length) grid of random insertions; ``adaptive``
     places the span right after the guard's holdback window (p = holdback), where an
@@ -66,14 +73,19 @@ def attack_cells(
     of each of ``lengths`` in earlier assistant turns (one turn, or split over two) and asks
     the model to continue (:mod:`training.attacks.multiturn`); ``evasion`` asks for the
     answer in base64, leetspeak, French/Spanish/German or code comments, one cell per form
-    (:mod:`training.attacks.evasion`).
+    (:mod:`training.attacks.evasion`); ``rap`` (opt-in) prefills the first k of ``ks``
+    tokens of a rank-assisted prefix, each among the model's ``rap_top_k`` next tokens
+    (:mod:`training.attacks.rap`), so its cells compare with ``prefill``'s; ``probe_aware``
+    (opt-in) optimises an inserted span against the guard's own probe (the run's single
+    ``--probe``), one cell per attacker budget (:mod:`training.attacks.probe_aware`).
 
     Raises:
         ValueError: An unknown attack name.
     """
-    unknown = set(attacks) - set(ATTACKS)
+    unknown = set(attacks) - set(ALL_ATTACKS)
     if unknown:
-        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
+        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {ALL_ATTACKS}")
+    rap_searches: PrefixCache = {}  # one search per prompt and model, shared by the seeds
     grid = partial(grid_cases, lengths=lengths, refusal=refusal)
     cells = {
         "direct": AttackCell("direct", direct_cases, ((),)),
@@ -94,8 +106,23 @@ def attack_cells(
         ),
         # Per form only: a pool would mix in the forms the judges cannot read.
         "evasion": AttackCell("evasion", evasion_cases, (("form",),)),
+        "rap": AttackCell(
+            "rap", partial(rap_cases, ks=ks, top_k=rap_top_k, cache=rap_searches), (("k",),)
+        ),
+        "probe_aware": AttackCell("probe_aware", _probe_aware_build, (("steps",),)),
     }
-    return [cells[name] for name in ATTACKS if name in attacks]
+    return [cells[name] for name in ALL_ATTACKS if name in attacks]
+
+
+def _probe_aware_build(ctx: AttackContext) -> list[AttackCase]:
+    """Probe-aware cases at the default budgets, against the run's guard probe.
+
+    Raises:
+        ValueError: The run has no single guard probe (``ctx.config.probe``).
+    """
+    if ctx.config.probe is None:
+        raise ValueError("the probe_aware family needs one guard probe for every model (--probe)")
+    return probe_aware_cases(ctx, LinearProbe.load(ctx.config.probe))
 
 
 def benign_prompts(

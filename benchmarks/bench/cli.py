@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from benchmarks.bench.attacks import BenchConfig, run_bench
-from benchmarks.bench.cells import ATTACKS
+from benchmarks.bench.cells import ALL_ATTACKS, ATTACKS
 from benchmarks.bench.perf import BENCHMARKS, PerfConfig, run_perf
 from benchmarks.bench.report import load_results, render_report
 from guard import BASE_MODEL, DEFAULT_MODEL
@@ -129,8 +129,8 @@ def attacks(
     if refusal not in REFUSAL_SOURCES:
         raise typer.BadParameter(f"must be one of {REFUSAL_SOURCES}", param_hint="--refusal")
     names = [a.strip() for a in attack.split(",") if a.strip()]
-    if not names or set(names) - set(ATTACKS):
-        raise typer.BadParameter(f"choose from {', '.join(ATTACKS)}", param_hint="--attacks")
+    if not names or set(names) - set(ALL_ATTACKS):
+        raise typer.BadParameter(f"choose from {', '.join(ALL_ATTACKS)}", param_hint="--attacks")
     try:
         p_values = parse_positions(positions)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""``trajguard attack``: direct, prefilling, insertion, multi-turn and evasion attacks, optionally guarded."""
+"""``trajguard attack``: direct, prefilling (plain and rank-assisted), insertion, multi-turn and evasion attacks, optionally guarded."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from guard import BASE_MODEL, DEFAULT_MODEL, load_model
+from training.attacks import probe_aware as pa
 from training.attacks.benign import UTILITY_SOURCES, reference_loglik, run_benign
 from training.attacks.direct import run_direct
 from training.attacks.evasion import FORMS, run_evasion
@@ -20,6 +21,8 @@ from training.attacks.harness import AttackConfig, AttackReport
 from training.attacks.insert import DEFAULT_LENGTHS, DEFAULT_POSITIONS, REFUSAL_SOURCES, run_insert
 from training.attacks.multiturn import DEFAULT_TURN_LENGTHS, VARIANTS, run_multiturn
 from training.attacks.prefill import DEFAULT_KS, run_prefill
+from training.attacks.probe_aware import INITS, run_probe_aware
+from training.attacks.rap import DEFAULT_RAP_KS, DEFAULT_TARGET_TOKENS, DEFAULT_TOP_K, run_rap
 from training.attacks.traffic import DEFAULT_SOURCES, run_traffic
 from training.attacks.worst_insert import run_worst_insert
 from training.common.candidates import DEFAULT_SPAN_LENGTHS
@@ -142,6 +145,40 @@ def prefill(
     """Prefilling attack: the answer starts with k tokens of a harmful response."""
     k_values = _ints(ks, "--ks")
     _print(run_prefill(_config("prefill", locals()), k_values))
+
+
+@app.command()
+def rap(
+    ks: Annotated[str, typer.Option(help="Comma-separated prefill lengths k (tokens).")] = ",".join(
+        map(str, DEFAULT_RAP_KS)
+    ),
+    top_k: Annotated[
+        int, typer.Option(min=1, help="Candidates per step: the model's top-k next tokens.")
+    ] = DEFAULT_TOP_K,
+    target_tokens: Annotated[
+        int, typer.Option(min=1, help="Harmful-response tokens whose likelihood ranks them.")
+    ] = DEFAULT_TARGET_TOKENS,
+    model: Model = DEFAULT_MODEL,
+    prompts: Prompts = None,
+    split: Split = "test",
+    limit: Limit = None,
+    out: Out = Path("runs/attack"),
+    probe: Probe = None,
+    policy: Policy = "rollback",
+    strict_probe: StrictProbe = True,
+    max_tokens: MaxTokens = 48,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    judge: Judge = None,
+    writer: Writer = BASE_MODEL,
+    writer_tokens: WriterTokens = 64,
+    data_dir: DataDir = None,
+) -> None:
+    """Rank-assisted prefilling: each prefilled token is the most harmful of the model's top-k."""
+    k_values = _ints(ks, "--ks")
+    config = _config("rap", locals())
+    _print_with_recall(run_rap(config, k_values, top_k=top_k, target_tokens=target_tokens))
 
 
 @app.command()
@@ -283,6 +320,77 @@ def evasion(
     """Token-level evasion: the request asks for base64, leetspeak, another language or code."""
     names = _names(forms, tuple(FORMS), "--forms")
     _print_with_recall(run_evasion(_config("evasion", locals()), names))
+
+
+@app.command("probe-aware")
+def probe_aware(
+    probe: Annotated[
+        Path, typer.Option(help="The probe the attacker optimises against (a probe directory).")
+    ],
+    steps: Annotated[
+        str, typer.Option(help="Attacker budgets: comma-separated GCG steps (0: no search).")
+    ] = ",".join(map(str, pa.DEFAULT_STEPS)),
+    candidates: Annotated[
+        int, typer.Option(min=1, help="Single-token swaps scored by forward pass per step.")
+    ] = pa.DEFAULT_CANDIDATES,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="Gradient top-k substitutions kept per span position.")
+    ] = pa.DEFAULT_TOP_K,
+    lam: Annotated[
+        float, typer.Option(help="Weight of the mean probe logit in the attacker's loss.")
+    ] = pa.DEFAULT_LAMBDA,
+    length: Annotated[int, typer.Option(min=1, help="Span length m (tokens).")] = pa.DEFAULT_SPAN,
+    target_tokens: Annotated[
+        int, typer.Option(min=1, help="Harmful-response tokens after the span (NLL target).")
+    ] = pa.DEFAULT_TARGET_TOKENS,
+    position: Annotated[
+        str, typer.Option(help="Insertion position p in the refusal (tokens or 'end').")
+    ] = str(pa.DEFAULT_POSITION),
+    init: Annotated[
+        str, typer.Option(help="Step-0 span: response (the insertion span) | random.")
+    ] = "response",
+    guard: Annotated[
+        bool, typer.Option(help="Guard the decoding (with --guard-probe, else --probe).")
+    ] = True,
+    guard_probe: Annotated[
+        Path | None,
+        typer.Option(help="Guard with this probe instead (e.g. one retrained on the attack)."),
+    ] = None,
+    refusal: Annotated[
+        str, typer.Option(help="Refusal to insert into: pool (long) | own (greedy).")
+    ] = "pool",
+    model: Model = DEFAULT_MODEL,
+    prompts: Prompts = None,
+    split: Split = "test",
+    limit: Limit = None,
+    out: Out = Path("runs/attack"),
+    policy: Policy = "rollback",
+    strict_probe: StrictProbe = True,
+    max_tokens: MaxTokens = 48,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    temperature: Temperature = 0.0,
+    judge: Judge = None,
+    writer: Writer = BASE_MODEL,
+    writer_tokens: WriterTokens = 64,
+    data_dir: DataDir = None,
+) -> None:
+    """Probe-aware insertion: a GCG search over the span against the known probe."""
+    budgets = _ints(steps, "--steps")
+    try:
+        (at,) = parse_positions(position)
+    except ValueError as exc:
+        raise typer.BadParameter("expected one position", param_hint="--position") from exc
+    if init not in INITS:
+        raise typer.BadParameter(f"must be one of {INITS}", param_hint="--init")
+    if refusal not in REFUSAL_SOURCES:
+        raise typer.BadParameter(f"must be one of {REFUSAL_SOURCES}", param_hint="--refusal")
+    guarded_by = (guard_probe or probe) if guard else None
+    config = _config("probe_aware", {**locals(), "probe": guarded_by})
+    options = dict(top_k=top_k, lam=lam, length=length, target_tokens=target_tokens)
+    options |= dict(position=at, refusal=refusal, init=init)
+    report = run_probe_aware(config, str(probe), budgets, candidates, **options)
+    _print_with_recall(report)
 
 
 def _names(text: str, allowed: tuple[str, ...], hint: str) -> list[str]:
