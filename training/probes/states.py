@@ -9,7 +9,19 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from guard.arch import decoder_blocks
 from guard.capture import HiddenStateCapture
+
+
+class _StopForward(Exception):
+    """Raised after the deepest captured block: later layers cannot change what was captured."""
+
+
+def _stop_after(block: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    def hook(*_: object) -> None:
+        raise _StopForward
+
+    return block.register_forward_hook(hook)
 
 
 @torch.inference_mode()
@@ -32,20 +44,30 @@ def token_states(
         the names as given.
     """
     device = next(model.parameters()).device
-    out: dict[str, list[np.ndarray]] = {name: [] for name in hook_names}
-    batches = range(0, len(sequences), batch_size)
+    out: dict[str, list[np.ndarray | None]] = {name: [None] * len(sequences) for name in hook_names}
+    # Batches of similar length (little padding); results go back in the caller's order.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     with HiddenStateCapture(model, list(hook_names)) as capture:
-        for start in tqdm(batches, desc="states", disable=not progress, leave=False):
-            chunk = [(list(p), list(r)) for p, r in sequences[start : start + batch_size]]
-            width = max(len(p) + len(r) for p, r in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, (p, r) in enumerate(chunk):  # right padding: positions are unaffected
-                ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-                mask[row, : len(p) + len(r)] = 1
-            model(ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
-            for name in hook_names:
-                hidden = capture[name].float().cpu()  # [batch, pos, d_model]
-                for row, (p, r) in enumerate(chunk):
-                    out[name].append(hidden[row, len(p) : len(p) + len(r)].numpy())
-    return out
+        deepest = max(point.layer for point in capture.points)
+        stop = _stop_after(decoder_blocks(model)[deepest])  # after the capture hook
+        try:
+            for batch in tqdm(batches, desc="states", disable=not progress, leave=False):
+                chunk = [(list(sequences[i][0]), list(sequences[i][1])) for i in batch]
+                width = max(len(p) + len(r) for p, r in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, (p, r) in enumerate(chunk):  # right padding: positions unaffected
+                    ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+                    mask[row, : len(p) + len(r)] = 1
+                try:
+                    model(ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+                except _StopForward:
+                    pass
+                for name in hook_names:
+                    hidden = capture[name].float().cpu()  # [batch, pos, d_model]
+                    for row, ((p, r), i) in enumerate(zip(chunk, batch)):
+                        out[name][i] = hidden[row, len(p) : len(p) + len(r)].numpy()
+        finally:
+            stop.remove()
+    return out  # type: ignore[return-value]

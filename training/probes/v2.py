@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from guard import DEFAULT_MODEL, LoadedModel, MonitorConfig, load_model
 from guard.errors import ConfigError
+from guard.models import model_fingerprint
 from guard.probe import LinearProbe
 from training.common.stats import Rate
 from training.probes.collect import harmful_trajectories
@@ -237,12 +238,35 @@ def choose_layer(
     return sorted(sweep, key=lambda r: -r["dev_response_auroc"])
 
 
+HARMFUL_FILE = "harmful_trajectories.json"
+
+_HARMFUL_FIELDS = (
+    "writer", "judge", "n_train_prompts", "n_dev_prompts", "k", "criterion",
+    "max_new_tokens", "seed", "data_dir",
+)  # fmt: skip
+
+
 def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Trajectory]]:
-    """The run's harmful trajectories (:func:`training.probes.collect.harmful_trajectories`)."""
+    """The run's harmful trajectories (:func:`training.probes.collect.harmful_trajectories`).
+
+    They are generated once per out directory and settings (``<out>/harmful_trajectories.json``,
+    keyed on the model's weight fingerprint and the settings that shape them), so a rerun
+    with another layer set, C or operating point skips the generation.
+    """
     from training.attacks.judging import load_or_fit_judge
 
+    key = {"model_fingerprint": model_fingerprint(lm.model)} | {
+        name: getattr(config, name) for name in _HARMFUL_FIELDS
+    }
+    cache = Path(config.out) / HARMFUL_FILE
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            logger.info("harmful trajectories from %s", cache)
+            return {name: [Trajectory(**t) for t in ts] for name, ts in saved["sets"].items()}
+        logger.info("%s was made with other settings; generating again", cache)
     writer = lm if config.writer in (None, config.model) else load_model(config.writer)
-    return harmful_trajectories(
+    sets = harmful_trajectories(
         lm,
         writer,
         load_or_fit_judge(config.judge, data_dir=config.data_dir),
@@ -255,6 +279,16 @@ def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Tr
         seed=config.seed,
         data_dir=config.data_dir,
     )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"key": key, "sets": {name: [asdict(t) for t in ts] for name, ts in sets.items()}}
+    cache.write_text(json.dumps(payload, default=_json_scalar), encoding="utf-8")
+    return sets
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def run_probe_v2(

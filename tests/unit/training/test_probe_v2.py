@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,28 @@ def test_run_probe_v2_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert probe.threshold_ == pytest.approx(table["threshold"])
     assert probe.metadata_["evaluation"]["dev_harmful_recall"]["n"] == 12
     GuardedEngine(lm.model, lm.tokenizer, probe)  # bound to the model it was fitted on
+
+
+def test_harmful_trajectories_are_generated_once_per_settings(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.attacks.judging as judging
+    import training.probes.v2 as v2
+
+    lm = load_model(str(tiny_model_dir))
+    rng = random.Random(0)
+    made = {
+        "train": _trajectories(3, "rwi", UNSAFE, rng, harmful=True),
+        "dev": _trajectories(2, "prefill", UNSAFE, rng, harmful=False),
+        "safe": _trajectories(2, "refusal", SAFE, rng),
+    }
+    calls = []
+    monkeypatch.setattr(judging, "load_or_fit_judge", lambda *a, **k: "judge")
+    monkeypatch.setattr(v2, "harmful_trajectories", lambda *a, **k: calls.append(k) or made)
+    config = ProbeV2Config(model=str(tiny_model_dir), out=str(tmp_path / "v2"))
+    first = v2.collect_harmful(config, lm)
+    again = v2.collect_harmful(config, lm)
+    assert len(calls) == 1
+    assert again == first == made  # read back field for field, meta included
+    v2.collect_harmful(ProbeV2Config(**{**asdict(config), "k": config.k + 1}), lm)
+    assert len(calls) == 2 and calls[-1]["k"] == config.k + 1
