@@ -125,7 +125,9 @@ def test_trigger_rolls_back_and_continues_upstream(vllm_url, default_lm):
     probe = ScriptedProbe(base, script)
     recovery = "I'm sorry, but I can't help with that."
     config = GuardConfig(
-        holdback=3, policy=PolicyConfig(kind="rollback", recovery_text=recovery, max_recoveries=1)
+        monitor=MonitorConfig(debounce="k_of_n"),  # one hot step fires (the probe's rule: EMA)
+        holdback=3,
+        policy=PolicyConfig(kind="rollback", recovery_text=recovery, max_recoveries=1),
     )
     engine = UpstreamVLLMEngine(
         vllm_url,

@@ -301,7 +301,8 @@ def test_proxy_fast_path_rolls_back_on_a_real_trigger(engines, default_lm, probe
     events = engines.log.wait("real", range(23))
     hot, threshold = pick_trigger([events[i]["s"] for i in range(23)])
     config = GuardConfig(
-        monitor=MonitorConfig(threshold=threshold),
+        # One hot step fires (the shipped probe's calibrated rule is an EMA).
+        monitor=MonitorConfig(threshold=threshold, debounce="k_of_n"),
         holdback=2,
         policy=PolicyConfig(kind="rollback", recovery_text=recovery, max_recoveries=1),
     )
