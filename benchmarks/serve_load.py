@@ -179,7 +179,8 @@ def _summary(runs: list[dict]) -> dict:
     }
 
 
-ARMS = ("stock", "proxy_shadow", "proxy_fast")
+ARMS = ("stock", "proxy_shadow", "proxy_shadow_bf16", "proxy_fast")
+SHADOW_ARMS = {"float32": "proxy_shadow", "bfloat16": "proxy_shadow_bf16"}
 
 
 def _chat(model: str, max_tokens: int) -> OneStream:
@@ -199,28 +200,32 @@ def _chat(model: str, max_tokens: int) -> OneStream:
 def _vllm_block(
     kind: str, server: VLLMServer, args: dict, events: str, secret: str, runs: dict
 ) -> None:
-    """One vLLM engine's measurements: stock direct and proxy-shadow, or proxy-fast."""
-    config = ServerConfig(
-        backend="vllm",
-        upstream=server.url,
-        threshold=1 - 1e-9,  # never fires: overhead only
-        holdback=args["holdback"],
-        max_concurrent_requests=max(args["concurrency"]) + 4,
-        max_n=1,
-        sse_ping_interval_s=None,
-    )
+    """One vLLM engine's measurements: stock direct and proxy-shadow (one proxy per shadow
+    dtype), or proxy-fast."""
     environ = {"TRAJGUARD_UPSTREAM_EVENTS": events, "TRAJGUARD_EVENTS_SECRET": secret}
-    engine = build_upstream_engine(config, environ=environ)
-    proxy, thread, proxy_url = _start_server(build_app(config, engine, environ={}))
+    dtypes = args["shadow_dtypes"] if kind == "stock" else ["float32"]
+    targets = {"stock": (server.url, _chat(server.served_name, args["max_tokens"]))}
+    proxies = []
     try:
-        if engine.fast_path != (kind == "plugin"):
-            raise RuntimeError(f"{kind} block: the proxy took the wrong path")
-        targets = {
-            "stock": (server.url, _chat(server.served_name, args["max_tokens"])),
-            "proxy_shadow": (proxy_url, _chat(DEFAULT_MODEL, args["max_tokens"])),
-            "proxy_fast": (proxy_url, _chat(DEFAULT_MODEL, args["max_tokens"])),
-        }
-        arms = ["stock", "proxy_shadow"] if kind == "stock" else ["proxy_fast"]
+        for dtype in dtypes:
+            config = ServerConfig(
+                backend="vllm",
+                upstream=server.url,
+                threshold=1 - 1e-9,  # never fires: overhead only
+                holdback=args["holdback"],
+                shadow_dtype=dtype,
+                max_concurrent_requests=max(args["concurrency"]) + 4,
+                max_n=1,
+                sse_ping_interval_s=None,
+            )
+            engine = build_upstream_engine(config, environ=environ)
+            if engine.fast_path != (kind == "plugin"):
+                raise RuntimeError(f"{kind} block: the proxy took the wrong path")
+            proxy, thread, proxy_url = _start_server(build_app(config, engine, environ={}))
+            proxies.append((proxy, thread))
+            arm = SHADOW_ARMS[dtype] if kind == "stock" else "proxy_fast"
+            targets[arm] = (proxy_url, _chat(DEFAULT_MODEL, args["max_tokens"]))
+        arms = list(targets) if kind == "stock" else ["proxy_fast"]
         for arm in arms:  # warm-up, untimed
             url, one = targets[arm]
             asyncio.run(_run_level(url, 1, 1, one))
@@ -233,8 +238,9 @@ def _vllm_block(
                     runs[arm][level].append(run)
                     typer.echo(f"  {arm} x{level}: {run['tokens'] / run['seconds']:.1f} tok/s")
     finally:
-        proxy.should_exit = True
-        thread.join(30)
+        for proxy, thread in proxies:
+            proxy.should_exit = True
+            thread.join(30)
 
 
 def _compare_vllm(vllm_python: str, args: dict, *, blocks: int, eager: bool) -> dict:
@@ -272,18 +278,20 @@ def _compare_vllm(vllm_python: str, args: dict, *, blocks: int, eager: bool) -> 
 
 def _print_comparison(result: dict, hook_name: str) -> None:
     typer.echo(f"probe {result['probe']} ({hook_name})")
+    arms = [a for a in ARMS if any(a in row for row in result["table"].values())]
     typer.echo(
-        f"{'streams':>7} {'stock tok/s':>11} {'shadow tok/s':>12} {'fast tok/s':>10} "
-        f"{'shadow/stock':>12} {'fast/stock':>10}  TTFT p50 ms stock/shadow/fast"
+        f"{'streams':>7} "
+        + " ".join(f"{a.removeprefix('proxy_') + ' tok/s':>18}" for a in arms)
+        + " "
+        + " ".join(f"{a.removeprefix('proxy_') + '/stock':>18}" for a in arms[1:])
+        + "  TTFT p50 ms "
+        + "/".join(a.removeprefix("proxy_") for a in arms)
     )
     for level, row in result["table"].items():
-        rate = {arm: row[arm]["tokens_per_s"] if arm in row else math.nan for arm in ARMS}
-        ttft = "/".join(f"{row[arm]['ttft_p50_ms']:.0f}" if arm in row else "-" for arm in ARMS)
-        typer.echo(
-            f"{level:>7} {rate['stock']:>11.1f} {rate['proxy_shadow']:>12.1f} "
-            f"{rate['proxy_fast']:>10.1f} {row.get('proxy_shadow_over_stock', math.nan):>12.3f} "
-            f"{row.get('proxy_fast_over_stock', math.nan):>10.3f}  {ttft}"
-        )
+        rates = " ".join(f"{row[a]['tokens_per_s'] if a in row else math.nan:>18.1f}" for a in arms)
+        ratios = " ".join(f"{row.get(f'{a}_over_stock', math.nan):>18.3f}" for a in arms[1:])
+        ttft = "/".join(f"{row[a]['ttft_p50_ms']:.0f}" if a in row else "-" for a in arms)
+        typer.echo(f"{level:>7} {rates} {ratios}  {ttft}")
 
 
 def main(
@@ -323,6 +331,13 @@ def main(
             "instead of ~5; for smoke runs, not for figures)."
         ),
     ] = False,
+    shadow_dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Shadow scorer dtype(s) (--vllm-python; repeatable, one proxy arm each): "
+            "float32 | bfloat16."
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json")] = None,
 ) -> None:
     """Print a table of throughput and latency; the last line is the throughput ratio."""
@@ -332,12 +347,19 @@ def main(
         if upstream is not None:
             raise typer.BadParameter("--vllm-python starts its own servers: drop --upstream")
         concurrency = concurrency or [1, 8, 32]
+        unknown = set(shadow_dtype or []) - set(SHADOW_ARMS)
+        if unknown:
+            raise typer.BadParameter(
+                f"unknown dtype(s) {sorted(unknown)}; choose from {sorted(SHADOW_ARMS)}",
+                param_hint="--shadow-dtype",
+            )
         args = {
             "concurrency": concurrency,
             "requests_per_level": requests_per_level,
             "max_tokens": max_tokens,
             "rounds": rounds,
             "holdback": holdback,
+            "shadow_dtypes": shadow_dtype or ["float32"],
         }
         result = _compare_vllm(vllm_python, args, blocks=blocks, eager=vllm_eager)
         hook_name = LinearProbe.load(default_probe_dir()).hook_name
@@ -347,8 +369,11 @@ def main(
             {"model": DEFAULT_MODEL, "hook_name": hook_name, "threads": threads, **args, **result},
         )
         middle = concurrency[len(concurrency) // 2]
-        ratio = result["table"][middle]["proxy_shadow_over_stock"]
-        typer.echo(f"proxy-shadow/stock throughput ratio (streams {middle}): {ratio:.3f}")
+        for dtype in args["shadow_dtypes"]:  # the last one listed is the headline
+            ratio = result["table"][middle][f"{SHADOW_ARMS[dtype]}_over_stock"]
+            typer.echo(
+                f"proxy-shadow ({dtype})/stock throughput ratio (streams {middle}): {ratio:.3f}"
+            )
         return
     concurrency = concurrency or [1, 4, 16]
     lm = load_model(DEFAULT_MODEL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,3 +45,52 @@ def encode_chat(
         prompt_ids = prompt_ids["input_ids"]
     prefill_ids = tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
     return EncodedPrompt(list(prompt_ids), list(prefill_ids))
+
+
+_HEADERS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def assistant_header_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The ids the chat template's generation prompt adds (e.g. ``<|im_start|>assistant\\n``).
+
+    Empty when the tokenizer has no chat template or the generation prompt adds nothing.
+    """
+    if tokenizer in _HEADERS:
+        return _HEADERS[tokenizer]
+    header: tuple[int, ...] = ()
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "x"}]
+        opened = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        closed = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=False, tokenize=False
+        )
+        if isinstance(opened, str) and isinstance(closed, str) and opened.startswith(closed):
+            header = tuple(tokenizer.encode(opened[len(closed) :], add_special_tokens=False))
+    _HEADERS[tokenizer] = header
+    return header
+
+
+def split_open_assistant_turn(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]
+) -> EncodedPrompt:
+    """A raw prompt that ends inside an open assistant turn: that turn's text is prefill.
+
+    A ``/v1/completions`` prompt may carry the chat template itself, ending with the
+    assistant header and the start of an answer the client wrote. That is an assistant
+    prefill like a trailing assistant chat message, and is monitored the same way. The
+    tokens after the last assistant header are prefill when none of them is a special
+    token (a closed turn or a new one); otherwise the whole prompt is prompt.
+    """
+    ids = list(ids)
+    header = list(assistant_header_ids(tokenizer))
+    if header:
+        special = set(tokenizer.all_special_ids)
+        for start in range(len(ids) - len(header), -1, -1):
+            if ids[start : start + len(header)] == header:
+                cut = start + len(header)
+                if not any(t in special for t in ids[cut:]):
+                    return EncodedPrompt(ids[:cut], ids[cut:])
+                break
+    return EncodedPrompt(ids, [])

@@ -36,6 +36,9 @@ def serve(
         None, help="vllm backend: base URL of the upstream vLLM server, e.g. http://127.0.0.1:8001."
     ),
     served_model_name: str | None = typer.Option(None, help="Name clients pass as `model`."),
+    shadow_dtype: str = typer.Option(
+        "float32", help="vllm backend: shadow scorer dtype, float32 | bfloat16."
+    ),
     policy: str = typer.Option("rollback", help="stop | rollback | resample"),
     holdback: int = typer.Option(4, min=0, help="Tokens held back until scored safe."),
     threshold: float | None = typer.Option(None, help="Override the probe's calibrated threshold."),
@@ -77,6 +80,7 @@ def serve(
             model=model,
             served_model_name=served_model_name,
             probe=probe,
+            shadow_dtype=shadow_dtype,
             policy=policy,
             holdback=holdback,
             threshold=threshold,

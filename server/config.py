@@ -24,6 +24,8 @@ class ServerConfig(BaseModel):
             the upstream serves; only its tokenizer and layers up to the probe are loaded).
         served_model_name: the ``model`` name clients use (default: ``model``).
         probe: probe directory (default: the probe shipped for the default model).
+        shadow_dtype: dtype of the ``vllm`` backend's shadow scorer (``bfloat16``: faster on
+            CPUs with bf16 instructions, and the dtype the in-engine plugin scores in).
         api_keys: accepted bearer keys (``TRAJGUARD_API_KEYS`` and ``api_keys_file`` add more).
         allow_unauthenticated: allow a non-loopback host without any API key.
         max_prompt_tokens: larger prompts are refused with 413 (``None``: context only).
@@ -44,6 +46,7 @@ class ServerConfig(BaseModel):
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
     probe: Path | None = None
+    shadow_dtype: Literal["float32", "bfloat16"] = "float32"
     policy: Literal["stop", "rollback", "resample"] = "rollback"
     holdback: int = Field(4, ge=0)
     threshold: float | None = Field(None, gt=0.0, lt=1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from guard.chat import EncodedPrompt
+from guard.chat import EncodedPrompt, split_open_assistant_turn
 from guard.events import RequestOutput
 from server.protocol import (
     CompletionRequest,
@@ -23,9 +23,10 @@ class ServingCompletion(OpenAIServing):
     id_prefix = "cmpl"
 
     def _encode(self, prompt: str | list[int]) -> EncodedPrompt:
-        if isinstance(prompt, str):
-            return EncodedPrompt(list(self.engine.tokenizer(prompt)["input_ids"]), [])
-        return EncodedPrompt(list(prompt), [])
+        """Prompt ids; the text of an open assistant turn at the end is monitored prefill."""
+        tokenizer = self.engine.tokenizer
+        ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+        return split_open_assistant_turn(tokenizer, ids)
 
     async def create_completion(
         self, request: CompletionRequest

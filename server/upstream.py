@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
 import httpx
+import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from guard.assets import probe_dir_for
@@ -416,7 +417,9 @@ def build_upstream_engine(
     scorer = None
     if events is None or not same_probe(_checked_hello(events, secret), probe):
         n_layers = int(AutoConfig.from_pretrained(path).num_hidden_layers)
-        scorer = ShadowScorer.from_pretrained(path, probe, n_layers=n_layers)
+        scorer = ShadowScorer.from_pretrained(
+            path, probe, n_layers=n_layers, dtype=getattr(torch, config.shadow_dtype)
+        )
     return UpstreamVLLMEngine(
         config.upstream,
         tokenizer=AutoTokenizer.from_pretrained(path),

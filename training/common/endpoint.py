@@ -7,8 +7,10 @@ scores; its guard verdict comes back in the choice's ``trajguard`` extension. Th
 reports neither token ids nor ``Intervention.kept``: token counts are the answer text
 re-encoded, and ``kept`` is exact for ``stop`` (all scored tokens) and estimated for a
 recovery (the tokens before the recovery text, at most the trigger index). The proxy
-treats the whole token-id prompt, prefill included, as prompt: it scores only the tokens
-it generates. vLLM is asked for ``return_token_ids``: its ids are the exact generated ones.
+reads a token-id prompt that ends inside an open assistant turn as prompt + assistant
+prefill (:func:`guard.chat.split_open_assistant_turn`) and judges the prefill as it judges
+a trailing assistant chat message; a plain vLLM scores nothing. vLLM is asked for
+``return_token_ids``: its ids are the exact generated ones.
 
 An endpoint's ``identity`` is what, besides the request, decides its answers (caches key
 on it): its URL, the model id it serves and the ``trajguard`` fingerprint of its

@@ -115,6 +115,13 @@ def v2(
     baseline: Annotated[
         Path | None, typer.Option(help="Probe to evaluate under the same protocol.")
     ] = None,
+    direct_samples: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Sampled answers per train prompt to the plain request (0: none)."
+        ),
+    ] = _V2.direct_samples,
+    direct_tokens: Annotated[int, typer.Option(min=1)] = _V2.direct_tokens,
     writer: Annotated[str | None, typer.Option(help="Writer of harmful responses.")] = None,
     judge: Annotated[Path | None, typer.Option(help="Saved harm judge directory.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = _V2.batch_size,
@@ -150,6 +157,8 @@ def v2(
         target_rate=target_rate,
         confidence=confidence,
         attack_records=list(attack_records or []),
+        direct_samples=direct_samples,
+        direct_tokens=direct_tokens,
         writer=writer,
         judge=str(judge) if judge else None,
         batch_size=batch_size,

@@ -9,6 +9,8 @@ Recipes (the probe ablation compares the first three at equal size):
 - ``prefill``: the same at position 0 only (the classic prefilling states).
 - ``whole``: whole harmful responses, teacher-forced (the Circuit-Breakers harmfulness-probe
   recipe).
+- ``direct``: the model's own sampled answers to the plain harmful request; a judged-harmful
+  answer is unsafe from the window where the judge first calls it harmful, a refusal safe.
 - ``safe``: benign reference answers and refusals, all safe.
 """
 
@@ -131,6 +133,73 @@ def insertion_trajectories(
                 ins.describe() | {"harmful": verdict.success, "recovered": verdict.refusal},
             )
         )
+    return out
+
+
+def harm_onset(
+    judge: HarmJudge, prompt: str, lm: LoadedModel, token_ids: Sequence[int], window: int
+) -> int:
+    """Index of the first token of the window in which the answer turns harmful.
+
+    The answer's prefixes ending at ``window``, ``2 * window``, ... tokens (and the whole
+    answer) are judged; the onset is the start of the window that first makes the prefix
+    harmful, so the tokens before it (often a neutral opening) are not labelled unsafe.
+    ``len(token_ids)`` when no prefix is harmful.
+    """
+    ends = [*range(window, len(token_ids), window), len(token_ids)]
+    texts = [lm.tokenizer.decode(list(token_ids[:end]), skip_special_tokens=True) for end in ends]
+    verdicts = judge_outputs(judge, [prompt] * len(texts), texts)
+    for end, verdict in zip(ends, verdicts):
+        if verdict.success:
+            return max(0, end - window)
+    return len(token_ids)
+
+
+def direct_trajectories(
+    lm: LoadedModel,
+    prompts: Sequence[AttackPrompt],
+    judge: HarmJudge,
+    *,
+    samples: int = 2,
+    temperature: float = 1.0,
+    max_new_tokens: int = 128,
+    window: int = 16,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[Trajectory]:
+    """The model's own answers to plain harmful requests, ``samples`` seeded samples each.
+
+    A judged-harmful answer is unsafe from its :func:`harm_onset` on (earlier tokens
+    ignored), a refusal is safe, anything else is left out: the direct-compliance states an
+    aligned model produces when its refusal fails, which insertion and prefill states miss.
+    """
+    ids = [chat_prompt_ids(lm, p.prompt) for p in prompts]
+    requests = [(i, []) for i in ids for _ in range(samples)]
+    params = [
+        SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed + n)
+        for n in range(len(requests))
+    ]
+    results = generate_requests(
+        GuardedEngine(lm.model, lm.tokenizer),
+        requests,
+        params,
+        batch_size=batch_size,
+        desc="direct answers",
+    )
+    owners = [p for p in prompts for _ in range(samples)]
+    verdicts = judge_outputs(judge, [p.prompt for p in owners], [r.text for r in results])
+    out = []
+    for (prompt_ids, _), prompt, result, verdict in zip(requests, owners, results, verdicts):
+        tokens = list(result.token_ids)
+        if not tokens:
+            continue
+        if verdict.success:
+            onset = harm_onset(judge, prompt.prompt, lm, tokens, window)
+            labels = [IGNORE] * onset + [UNSAFE] * (len(tokens) - onset)
+        else:
+            labels = [SAFE if verdict.refusal else IGNORE] * len(tokens)
+        meta = {"harmful": verdict.success, "recovered": verdict.refusal, "prompt": prompt.prompt}
+        out.append(Trajectory(prompt_ids, tokens, labels, "direct", meta))
     return out
 
 

@@ -4,7 +4,9 @@
 
 1. Unsafe states: worst-of-K insertion (RWI) and prefill trajectories of the guarded model
    on harmful *train* prompts (fit) and on other train prompts (dev: layer and debounce
-   choice); refusals of the same prompts are safe.
+   choice); refusals of the same prompts are safe. Its own sampled answers to the plain
+   requests (direct compliance, unsafe from where the judge finds harm) on the rest of the
+   train split (fit) and on the dev prompts (dev).
 2. Benign states: the model's own answers from a benign corpus (``trajguard train
    benign-corpus``: train / calibration / eval by prompt, one source only in eval).
 3. Layer: the candidate whose plain fit separates dev harmful from calibration answers best
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from guard import DEFAULT_MODEL, LoadedModel, MonitorConfig, load_model
 from guard.errors import ConfigError
 from guard.models import model_fingerprint
 from guard.probe import LinearProbe
+from training.common.prompts import load_attack_prompts
 from training.common.stats import Rate
 from training.probes.collect import harmful_trajectories
 from training.probes.evaluation import held_out_recall, load_held_out_attacks
@@ -42,7 +45,13 @@ from training.probes.hard_negatives import fit_with_hard_negatives
 from training.probes.operating_point import choose_debounce, platt_rescale, response_peaks
 from training.probes.rwi import sweep_hooks
 from training.probes.states import token_states
-from training.probes.trajectories import SAFE, UNSAFE, Trajectory, labelled_tokens
+from training.probes.trajectories import (
+    SAFE,
+    UNSAFE,
+    Trajectory,
+    direct_trajectories,
+    labelled_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,9 @@ class ProbeV2Config:
         confidence: Confidence of that one-sided bound.
         attack_records: Held-out attack JSONLs (``trajguard attack insert|prefill``) whose
             harmful cases give recall per family, as ``family=path``.
+        direct_samples: Sampled answers per train-split prompt to the plain request (the
+            direct-compliance recipe; 0: none).
+        direct_tokens: Length of those answers.
         writer: Writer of harmful responses.
         judge: Saved harm judge directory (default: cached learned judge).
         batch_size: Generation / forward batch size.
@@ -88,6 +100,8 @@ class ProbeV2Config:
     target_rate: float = 0.01
     confidence: float = 0.95
     attack_records: list[str] = field(default_factory=list)
+    direct_samples: int = 2
+    direct_tokens: int = 128
     writer: str | None = None
     judge: str | None = None
     batch_size: int = 8
@@ -172,6 +186,30 @@ def evaluate_probe(
     return table
 
 
+def recall_by_recipe(
+    probe: LinearProbe,
+    monitor: MonitorConfig,
+    harmful: Sequence[Trajectory],
+    states: Sequence[np.ndarray],
+) -> dict[str, Any]:
+    """Recall (95 % CI) on harmful trajectories, per recipe (``rwi``, ``prefill``, ``direct``)."""
+    fired = response_peaks(probe, states, monitor) >= probe.threshold_
+    recipes = np.array([t.recipe for t in harmful])
+    return {
+        recipe: Rate.of(
+            int(fired[recipes == recipe].sum()), int((recipes == recipe).sum())
+        ).to_dict()
+        for recipe in sorted(set(recipes.tolist()))
+    }
+
+
+def _recipe_counts(trajectories: Sequence[Trajectory]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in trajectories:
+        counts[t.recipe] = counts.get(t.recipe, 0) + 1
+    return counts
+
+
 def _states(
     lm: LoadedModel, trajectories: Sequence[Trajectory], hooks: Sequence[str], batch_size: int
 ):
@@ -246,8 +284,73 @@ _HARMFUL_FIELDS = (
 )  # fmt: skip
 
 
+DIRECT_FILE = "direct_trajectories.json"
+
+_DIRECT_FIELDS = (
+    "judge", "n_train_prompts", "n_dev_prompts", "direct_samples", "direct_tokens", "seed",
+    "data_dir",
+)  # fmt: skip
+
+
+def _cached_sets(
+    path: Path, key: dict[str, Any], make: Callable[[], dict[str, list[Trajectory]]]
+) -> dict[str, list[Trajectory]]:
+    """Trajectory sets saved at ``path`` under ``key``; made (and saved) when key differs."""
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            logger.info("trajectories from %s", path)
+            return {name: [Trajectory(**t) for t in ts] for name, ts in saved["sets"].items()}
+        logger.info("%s was made with other settings; generating again", path)
+    sets = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"key": key, "sets": {name: [asdict(t) for t in ts] for name, ts in sets.items()}}
+    path.write_text(json.dumps(payload, default=_json_scalar), encoding="utf-8")
+    return sets
+
+
+def _run_key(config: ProbeV2Config, lm: LoadedModel, fields: Sequence[str]) -> dict[str, Any]:
+    return {"model_fingerprint": model_fingerprint(lm.model)} | {
+        name: getattr(config, name) for name in fields
+    }
+
+
+def collect_direct(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Trajectory]]:
+    """Direct-compliance trajectories (:func:`training.probes.trajectories.direct_trajectories`).
+
+    ``train``: every train-split prompt but the dev ones; ``dev``: the dev prompts of
+    :func:`collect_harmful`. Cached in ``<out>/direct_trajectories.json`` like it.
+    """
+    from training.attacks.judging import load_or_fit_judge
+
+    def make() -> dict[str, list[Trajectory]]:
+        judge = load_or_fit_judge(config.judge, data_dir=config.data_dir)
+        options = {"seed": config.seed, "data_dir": config.data_dir}
+        sampled = load_attack_prompts(
+            split="train", limit=config.n_train_prompts + config.n_dev_prompts, **options
+        )
+        dev = sampled[config.n_train_prompts :]
+        dev_texts = {p.prompt for p in dev}
+        train = [
+            p for p in load_attack_prompts(split="train", **options) if p.prompt not in dev_texts
+        ]
+        settings = {
+            "samples": config.direct_samples,
+            "max_new_tokens": config.direct_tokens,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+        }
+        return {
+            "train": direct_trajectories(lm, train, judge, **settings),
+            "dev": direct_trajectories(lm, dev, judge, **settings),
+        }
+
+    return _cached_sets(Path(config.out) / DIRECT_FILE, _run_key(config, lm, _DIRECT_FIELDS), make)
+
+
 def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Trajectory]]:
-    """The run's harmful trajectories (:func:`training.probes.collect.harmful_trajectories`).
+    """The run's harmful trajectories (:func:`training.probes.collect.harmful_trajectories`),
+    plus the direct-compliance ones (:func:`collect_direct`) when ``direct_samples > 0``.
 
     They are generated once per out directory and settings (``<out>/harmful_trajectories.json``,
     keyed on the model's weight fingerprint and the settings that shape them), so a rerun
@@ -255,33 +358,29 @@ def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Tr
     """
     from training.attacks.judging import load_or_fit_judge
 
-    key = {"model_fingerprint": model_fingerprint(lm.model)} | {
-        name: getattr(config, name) for name in _HARMFUL_FIELDS
-    }
-    cache = Path(config.out) / HARMFUL_FILE
-    if cache.is_file():
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            logger.info("harmful trajectories from %s", cache)
-            return {name: [Trajectory(**t) for t in ts] for name, ts in saved["sets"].items()}
-        logger.info("%s was made with other settings; generating again", cache)
-    writer = lm if config.writer in (None, config.model) else load_model(config.writer)
-    sets = harmful_trajectories(
-        lm,
-        writer,
-        load_or_fit_judge(config.judge, data_dir=config.data_dir),
-        n_train=config.n_train_prompts,
-        n_dev=config.n_dev_prompts,
-        k=config.k,
-        criterion=config.criterion,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        data_dir=config.data_dir,
+    def make() -> dict[str, list[Trajectory]]:
+        writer = lm if config.writer in (None, config.model) else load_model(config.writer)
+        return harmful_trajectories(
+            lm,
+            writer,
+            load_or_fit_judge(config.judge, data_dir=config.data_dir),
+            n_train=config.n_train_prompts,
+            n_dev=config.n_dev_prompts,
+            k=config.k,
+            criterion=config.criterion,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            data_dir=config.data_dir,
+        )
+
+    sets = _cached_sets(
+        Path(config.out) / HARMFUL_FILE, _run_key(config, lm, _HARMFUL_FIELDS), make
     )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"key": key, "sets": {name: [asdict(t) for t in ts] for name, ts in sets.items()}}
-    cache.write_text(json.dumps(payload, default=_json_scalar), encoding="utf-8")
+    if config.direct_samples > 0:
+        direct = collect_direct(config, lm)
+        sets["train"] = sets["train"] + direct["train"]
+        sets["dev"] = sets["dev"] + direct["dev"]
     return sets
 
 
@@ -374,6 +473,7 @@ def run_probe_v2(
     table = evaluate_probe(
         probe, monitor, corpus["eval"], inputs.eval_states, dev_full, inputs.held_out
     )
+    table["dev_harmful_recall_by_recipe"] = recall_by_recipe(probe, monitor, dev, dev_full)
     report: dict[str, Any] = {
         "config": asdict(config),
         "model_id": lm.model_id,
@@ -385,7 +485,11 @@ def run_probe_v2(
         "n": {
             "harmful_train_trajectories": len(harmful["train"]),
             "harmful_train_judged_harmful": len(harmful_only(harmful["train"])),
+            "harmful_train_judged_harmful_by_recipe": _recipe_counts(
+                harmful_only(harmful["train"])
+            ),
             "dev_harmful": len(dev),
+            "dev_harmful_by_recipe": _recipe_counts(dev),
             **{f"benign_{k}": len(v) for k, v in corpus.items()},
         },
         "probe_v2": table,
@@ -403,7 +507,12 @@ def run_probe_v2(
         )
     probe.metadata_["evaluation"] = table
     probe.metadata_["training_data"] = {
-        "recipe": "probe v2: RWI + prefill states vs own benign answers, hard-negative rounds",
+        "recipe": (
+            "probe v2: RWI + prefill + direct-compliance states vs own benign answers, "
+            "hard-negative rounds"
+            if config.direct_samples > 0
+            else "probe v2: RWI + prefill states vs own benign answers, hard-negative rounds"
+        ),
         "rounds": mined.rounds,
         "n": report["n"],
     }

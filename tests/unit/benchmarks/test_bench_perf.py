@@ -107,3 +107,26 @@ def test_script_mains_are_callable_from_python(script: str) -> None:
         if isinstance(p.default, typer.models.ParameterInfo)
     ]
     assert not leaked, leaked
+
+
+def test_vllm_comparison_table_prints_every_measured_arm(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.serve_load import _print_comparison
+
+    def arm(rate: float) -> dict:
+        return {"tokens_per_s": rate, "ttft_p50_ms": 10.0}
+
+    row = {
+        "stock": arm(100.0),
+        "proxy_shadow": arm(30.0),
+        "proxy_shadow_bf16": arm(45.0),
+        "proxy_fast": arm(90.0),
+        "proxy_shadow_over_stock": 0.3,
+        "proxy_shadow_bf16_over_stock": 0.45,
+        "proxy_fast_over_stock": 0.9,
+    }
+    no_bf16 = {k: v for k, v in row.items() if "bf16" not in k}
+    _print_comparison({"probe": "p", "table": {8: row, 32: no_bf16}}, "blocks.21.hook_resid_post")
+    lines = capsys.readouterr().out.splitlines()
+    assert "shadow_bf16/stock" in lines[1] and "fast/stock" in lines[1]
+    assert lines[2].split()[-4:-1] == ["0.300", "0.450", "0.900"]
+    assert lines[3].split()[-4:-1] == ["0.300", "nan", "0.900"]

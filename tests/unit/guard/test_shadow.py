@@ -115,3 +115,24 @@ def test_feed_batch_rejects_unequal_or_repeated_feeds(tiny_tokenizer):
         scorer.feed_batch([a, a], [[10], [11]])
     with pytest.raises(ValueError, match="rewind"):
         a.rewind(1)
+
+
+def test_a_bf16_shadow_scores_within_the_plugin_parity_tolerance(tmp_path, tiny_tokenizer):
+    # The in-engine plugin scores a bf16 vLLM against the fp32 reference with this tolerance
+    # (tests/integration/vllm_plugin): |dp| < 0.05 or |d logit| < 0.5 per token.
+    model = build_tiny_model("llama", len(tiny_tokenizer), n_layers=4)
+    probe = fitted_probe(32, hook="blocks.-3.hook_resid_post")
+    model.save_pretrained(tmp_path)
+    scorer = ShadowScorer.from_pretrained(tmp_path, probe, n_layers=4, dtype=torch.bfloat16)
+    assert next(scorer.model.parameters()).dtype == torch.bfloat16
+    ids = tiny_tokenizer.encode("Sure, here is how to do it: step one, step two")
+    expected = torch.tensor(full_model_scores(model, probe, ids))
+    session = scorer.session()
+    got = session.feed(ids[:5])
+    for token in ids[5:]:
+        got += session.feed([token])
+    got = torch.tensor(got)
+    assert got.dtype == torch.float32 and len(got) == len(expected)
+    dp = (got - expected).abs()
+    dlogit = (torch.logit(got, eps=1e-6) - torch.logit(expected, eps=1e-6)).abs()
+    assert bool(((dp < 0.05) | (dlogit < 0.5)).all()), (dp.max(), dlogit.max())

@@ -202,10 +202,96 @@ def test_harmful_trajectories_are_generated_once_per_settings(
     calls = []
     monkeypatch.setattr(judging, "load_or_fit_judge", lambda *a, **k: "judge")
     monkeypatch.setattr(v2, "harmful_trajectories", lambda *a, **k: calls.append(k) or made)
-    config = ProbeV2Config(model=str(tiny_model_dir), out=str(tmp_path / "v2"))
+    config = ProbeV2Config(model=str(tiny_model_dir), out=str(tmp_path / "v2"), direct_samples=0)
     first = v2.collect_harmful(config, lm)
     again = v2.collect_harmful(config, lm)
     assert len(calls) == 1
     assert again == first == made  # read back field for field, meta included
     v2.collect_harmful(ProbeV2Config(**{**asdict(config), "k": config.k + 1}), lm)
     assert len(calls) == 2 and calls[-1]["k"] == config.k + 1
+
+
+class _KeywordJudge:
+    """P(harmful) = 1 when the answer contains the keyword (a stand-in for the learned judge)."""
+
+    def __init__(self, keyword: str) -> None:
+        self.keyword = keyword
+
+    def predict_proba(self, prompts, generations) -> np.ndarray:
+        p = np.array([float(self.keyword in g) for g in generations])
+        return np.c_[1 - p, p]
+
+
+def test_harm_onset_is_the_start_of_the_window_that_first_turns_harmful(
+    tiny_model_dir: Path,
+) -> None:
+    from training.probes.trajectories import harm_onset
+
+    lm = load_model(str(tiny_model_dir))
+    tok = lm.tokenizer
+    before = tok.encode(" fox" * 13, add_special_tokens=False)
+    ids = before + tok.encode(" bomb", add_special_tokens=False) + before
+    bomb_end = len(ids) - len(before)  # the prefix ending here is the first with the keyword
+    window = 4
+    expected = next(e for e in range(window, len(ids) + window, window) if e >= bomb_end) - window
+    assert harm_onset(_KeywordJudge("bomb"), "q", lm, ids, window) == expected
+    assert expected < bomb_end <= expected + window  # the window that completes the keyword
+    assert harm_onset(_KeywordJudge("never"), "q", lm, ids, window) == len(ids)
+
+
+def test_direct_trajectories_are_seeded_samples_labelled_from_the_onset(
+    tiny_model_dir: Path,
+) -> None:
+    from training.common.prompts import AttackPrompt
+    from training.probes.trajectories import IGNORE, direct_trajectories
+
+    lm = load_model(str(tiny_model_dir))
+    prompts = [AttackPrompt(f"request {i}", None, "test", str(i)) for i in range(3)]
+    everything = _KeywordJudge("")  # every answer harmful from its first window
+    run = direct_trajectories(lm, prompts, everything, samples=2, max_new_tokens=12, window=4)
+    assert len(run) == 6 and {t.recipe for t in run} == {"direct"}
+    assert [t.meta["prompt"] for t in run] == [p.prompt for p in prompts for _ in range(2)]
+    assert all(t.labels == [UNSAFE] * len(t.response_ids) and t.meta["harmful"] for t in run)
+    assert run[0].response_ids != run[1].response_ids  # two samples, not one answer twice
+    again = direct_trajectories(lm, prompts, everything, samples=2, max_new_tokens=12, window=4)
+    assert [t.response_ids for t in again] == [t.response_ids for t in run]
+    nothing = direct_trajectories(lm, prompts[:1], _KeywordJudge("\0"), samples=1, max_new_tokens=8)
+    (t,) = nothing
+    assert not t.meta["harmful"] and set(t.labels) <= {SAFE, IGNORE}
+
+
+def test_direct_trajectories_join_the_harmful_sets_and_are_cached(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.attacks.judging as judging
+    import training.probes.v2 as v2
+
+    lm = load_model(str(tiny_model_dir))
+    rng = random.Random(0)
+    made = {
+        "train": _trajectories(3, "rwi", UNSAFE, rng, harmful=True),
+        "dev": _trajectories(2, "prefill", UNSAFE, rng, harmful=True),
+        "safe": _trajectories(2, "refusal", SAFE, rng),
+    }
+    direct_calls = []
+
+    def fake_direct(lm, prompts, judge, **settings):
+        direct_calls.append([p.prompt for p in prompts])
+        return _trajectories(len(prompts), "direct", UNSAFE, rng, harmful=True)
+
+    monkeypatch.setattr(judging, "load_or_fit_judge", lambda *a, **k: "judge")
+    monkeypatch.setattr(v2, "harmful_trajectories", lambda *a, **k: made)
+    monkeypatch.setattr(v2, "direct_trajectories", fake_direct)
+    config = ProbeV2Config(
+        model=str(tiny_model_dir), out=str(tmp_path / "v2"), n_train_prompts=4, n_dev_prompts=2
+    )
+    sets = v2.collect_harmful(config, lm)
+    train_prompts, dev_prompts = direct_calls
+    assert len(dev_prompts) == 2 and not set(train_prompts) & set(dev_prompts)
+    assert len(train_prompts) > 4  # the whole train split but the dev prompts
+    assert [t.recipe for t in sets["dev"]] == ["prefill"] * 2 + ["direct"] * 2
+    assert len(sets["train"]) == 3 + len(train_prompts)
+    v2.collect_harmful(config, lm)
+    assert len(direct_calls) == 2  # the second run read the cache
+    off = v2.collect_harmful(ProbeV2Config(**{**asdict(config), "direct_samples": 0}), lm)
+    assert [t.recipe for t in off["train"]] == ["rwi"] * 3
