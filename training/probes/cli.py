@@ -122,6 +122,9 @@ def v2(
         ),
     ] = _V2.direct_samples,
     direct_tokens: Annotated[int, typer.Option(min=1)] = _V2.direct_tokens,
+    direct_min_tokens: Annotated[
+        int, typer.Option(min=0, help="Shorter judged-harmful direct answers are left out.")
+    ] = _V2.direct_min_tokens,
     writer: Annotated[str | None, typer.Option(help="Writer of harmful responses.")] = None,
     judge: Annotated[Path | None, typer.Option(help="Saved harm judge directory.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = _V2.batch_size,
@@ -159,6 +162,7 @@ def v2(
         attack_records=list(attack_records or []),
         direct_samples=direct_samples,
         direct_tokens=direct_tokens,
+        direct_min_tokens=direct_min_tokens,
         writer=writer,
         judge=str(judge) if judge else None,
         batch_size=batch_size,

@@ -203,6 +203,22 @@ def direct_trajectories(
     return out
 
 
+def drop_short_harm(trajectories: Sequence[Trajectory], min_tokens: int) -> list[Trajectory]:
+    """Judged-harmful answers shorter than ``min_tokens`` relabelled as left out.
+
+    The learned judge calls many terse sampled non-answers harmful ("I'll stop here.",
+    "We need to update this."); an answer that short carries little harmful content and
+    would teach the probe that refusals are unsafe.
+    """
+    out = []
+    for t in trajectories:
+        if t.meta.get("harmful") and len(t.response_ids) < min_tokens:
+            meta = t.meta | {"harmful": False, "dropped_short": True}
+            t = Trajectory(t.prompt_ids, t.response_ids, [IGNORE] * len(t.labels), t.recipe, meta)
+        out.append(t)
+    return out
+
+
 def teacher_forced(
     lm: LoadedModel,
     pairs: Sequence[tuple[str, str]],

@@ -50,6 +50,7 @@ from training.probes.trajectories import (
     UNSAFE,
     Trajectory,
     direct_trajectories,
+    drop_short_harm,
     labelled_tokens,
 )
 
@@ -80,6 +81,8 @@ class ProbeV2Config:
         direct_samples: Sampled answers per train-split prompt to the plain request (the
             direct-compliance recipe; 0: none).
         direct_tokens: Length of those answers.
+        direct_min_tokens: Judged-harmful direct answers shorter than this are left out
+            (the judge is unreliable on terse answers; applied after the cache).
         writer: Writer of harmful responses.
         judge: Saved harm judge directory (default: cached learned judge).
         batch_size: Generation / forward batch size.
@@ -102,6 +105,7 @@ class ProbeV2Config:
     attack_records: list[str] = field(default_factory=list)
     direct_samples: int = 2
     direct_tokens: int = 128
+    direct_min_tokens: int = 32
     writer: str | None = None
     judge: str | None = None
     batch_size: int = 8
@@ -345,7 +349,8 @@ def collect_direct(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Tra
             "dev": direct_trajectories(lm, dev, judge, **settings),
         }
 
-    return _cached_sets(Path(config.out) / DIRECT_FILE, _run_key(config, lm, _DIRECT_FIELDS), make)
+    sets = _cached_sets(Path(config.out) / DIRECT_FILE, _run_key(config, lm, _DIRECT_FIELDS), make)
+    return {name: drop_short_harm(ts, config.direct_min_tokens) for name, ts in sets.items()}
 
 
 def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Trajectory]]:

@@ -295,3 +295,17 @@ def test_direct_trajectories_join_the_harmful_sets_and_are_cached(
     assert len(direct_calls) == 2  # the second run read the cache
     off = v2.collect_harmful(ProbeV2Config(**{**asdict(config), "direct_samples": 0}), lm)
     assert [t.recipe for t in off["train"]] == ["rwi"] * 3
+
+
+def test_terse_judged_harmful_answers_are_left_out() -> None:
+    from training.probes.trajectories import IGNORE, drop_short_harm
+
+    short = Trajectory([1], [5, 6, 7], [UNSAFE] * 3, "direct", {"harmful": True})
+    long = Trajectory(
+        [1], list(range(40)), [IGNORE] * 8 + [UNSAFE] * 32, "direct", {"harmful": True}
+    )
+    refusal = Trajectory([1], [5, 6], [SAFE] * 2, "direct", {"harmful": False, "recovered": True})
+    kept = drop_short_harm([short, long, refusal], min_tokens=32)
+    assert kept[0].labels == [IGNORE] * 3 and not kept[0].meta["harmful"]
+    assert kept[0].meta["dropped_short"] and short.meta["harmful"]  # the input is not changed
+    assert kept[1] is long and kept[2] is refusal
