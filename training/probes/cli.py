@@ -125,6 +125,9 @@ def v2(
     direct_min_tokens: Annotated[
         int, typer.Option(min=0, help="Shorter judged-harmful direct answers are left out.")
     ] = _V2.direct_min_tokens,
+    ablation: Annotated[
+        bool, typer.Option(help="Also fit one probe per unsafe recipe under the same protocol.")
+    ] = _V2.ablation,
     writer: Annotated[str | None, typer.Option(help="Writer of harmful responses.")] = None,
     judge: Annotated[Path | None, typer.Option(help="Saved harm judge directory.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = _V2.batch_size,
@@ -163,6 +166,7 @@ def v2(
         direct_samples=direct_samples,
         direct_tokens=direct_tokens,
         direct_min_tokens=direct_min_tokens,
+        ablation=ablation,
         writer=writer,
         judge=str(judge) if judge else None,
         batch_size=batch_size,

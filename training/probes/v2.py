@@ -38,6 +38,7 @@ from guard.errors import ConfigError
 from guard.models import model_fingerprint
 from guard.probe import LinearProbe
 from training.common.prompts import load_attack_prompts
+from training.common.responses import harmful_responses
 from training.common.stats import Rate
 from training.probes.collect import harmful_trajectories
 from training.probes.evaluation import held_out_recall, load_held_out_attacks
@@ -52,6 +53,7 @@ from training.probes.trajectories import (
     direct_trajectories,
     drop_short_harm,
     labelled_tokens,
+    teacher_forced,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ class ProbeV2Config:
         direct_tokens: Length of those answers.
         direct_min_tokens: Judged-harmful direct answers shorter than this are left out
             (the judge is unreliable on terse answers; applied after the cache).
+        ablation: Also fit one probe per unsafe recipe (and whole responses) under the
+            same protocol (:func:`recipe_ablation`).
         writer: Writer of harmful responses.
         judge: Saved harm judge directory (default: cached learned judge).
         batch_size: Generation / forward batch size.
@@ -106,6 +110,7 @@ class ProbeV2Config:
     direct_samples: int = 2
     direct_tokens: int = 128
     direct_min_tokens: int = 32
+    ablation: bool = False
     writer: str | None = None
     judge: str | None = None
     batch_size: int = 8
@@ -395,6 +400,114 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+@dataclass
+class FittedProbe:
+    """A probe after hard-negative rounds, Platt scaling and the debounce choice."""
+
+    probe: LinearProbe
+    monitor: MonitorConfig
+    mined: Any
+    debounce: list[Any]
+
+
+def fit_calibrated(
+    config: ProbeV2Config,
+    hook: str,
+    fit_tokens: tuple[np.ndarray, np.ndarray],
+    benign_train: Sequence[np.ndarray],
+    corpus: dict[str, list[Trajectory]],
+    calibration: Sequence[np.ndarray],
+    dev_harmful: Sequence[np.ndarray],
+) -> FittedProbe:
+    """Steps 4-5 of the module docstring on labelled token states ``fit_tokens``."""
+    X_fit, y_fit = fit_tokens
+    mined = fit_with_hard_negatives(
+        lambda X, y, w: LinearProbe(hook, C=config.C).fit(X, y, sample_weight=w),
+        X_fit[y_fit == UNSAFE],
+        X_fit[y_fit == SAFE],
+        benign_train,
+        answer_tags=[t.meta.get("source", "?") for t in corpus["train"]],
+        rounds=config.rounds,
+        seed=config.seed,
+    )
+    X_cal = np.concatenate([*calibration, *dev_harmful])
+    y_cal = np.r_[np.zeros(sum(map(len, calibration))), np.ones(sum(map(len, dev_harmful)))].astype(
+        int
+    )
+    probe = platt_rescale(mined.probe, X_cal, y_cal)
+    debounce = choose_debounce(
+        probe,
+        calibration,
+        dev_harmful,
+        target_rate=config.target_rate,
+        confidence=config.confidence,
+    )
+    return FittedProbe(probe, debounce[0].monitor, mined, debounce)
+
+
+def whole_trajectories(config: ProbeV2Config, lm: LoadedModel) -> list[Trajectory]:
+    """Whole harmful responses to the fit prompts, every token unsafe (the Circuit-Breakers
+    harmfulness-probe recipe; the writer's continuations are cached)."""
+    writer = lm if config.writer in (None, config.model) else load_model(config.writer)
+    prompts = load_attack_prompts(
+        split="train",
+        limit=config.n_train_prompts + config.n_dev_prompts,
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )[: config.n_train_prompts]
+    responses = harmful_responses(
+        prompts, writer, batch_size=config.batch_size, data_dir=config.data_dir
+    )
+    return teacher_forced(
+        lm, [(p.prompt, r.text) for p, r in zip(prompts, responses)], UNSAFE, "whole"
+    )
+
+
+def recipe_ablation(
+    config: ProbeV2Config,
+    lm: LoadedModel,
+    hook: str,
+    fit_sets: Sequence[Trajectory],
+    fit_states: Sequence[np.ndarray],
+    benign_train: Sequence[np.ndarray],
+    corpus: dict[str, list[Trajectory]],
+    calibration: Sequence[np.ndarray],
+    inputs: EvaluationInputs,
+) -> dict[str, Any]:
+    """The same protocol with the unsafe states of one recipe at a time.
+
+    Each row keeps the refusals and one recipe's trajectories (``rwi``, ``prefill``,
+    ``direct``, and ``whole``: teacher-forced whole harmful responses), then runs the same
+    hard-negative rounds, Platt scaling, debounce choice and evaluation as the shipped
+    probe, on the same calibration, dev and evaluation states.
+    """
+    whole = whole_trajectories(config, lm)
+    whole_states = _states(lm, whole, [hook], config.batch_size)[hook]
+    pool = list(zip(fit_sets, fit_states)) + list(zip(whole, whole_states))
+    rows: dict[str, Any] = {}
+    recipes = sorted({t.recipe for t, _ in pool} - {"refusal"})
+    for recipe in recipes:
+        chosen = [(t, x) for t, x in pool if t.recipe in (recipe, "refusal")]
+        trajectories, states = [t for t, _ in chosen], [x for _, x in chosen]
+        X, y = labelled_tokens(trajectories, states)
+        if not (y == UNSAFE).any():
+            rows[recipe] = {"skipped": "no unsafe tokens"}
+            continue
+        fitted = fit_calibrated(
+            config, hook, (X, y), benign_train, corpus, calibration, inputs.dev_harmful
+        )
+        rows[recipe] = evaluate_probe(
+            fitted.probe,
+            fitted.monitor,
+            corpus["eval"],
+            inputs.eval_states,
+            inputs.dev_harmful,
+            inputs.held_out,
+        ) | {"n_unsafe_tokens": int((y == UNSAFE).sum())}
+        logger.info("ablation %s: done", recipe)
+    return rows
+
+
 def run_probe_v2(
     config: ProbeV2Config,
     lm: LoadedModel,
@@ -451,30 +564,15 @@ def run_probe_v2(
 
     # Full states at the chosen hook.
     fit_states = _states(lm, fit_sets, [hook], config.batch_size)[hook]
-    X_fit, y_fit = labelled_tokens(fit_sets, fit_states)
     benign_train = _states(lm, corpus["train"], [hook], config.batch_size)[hook]
-    mined = fit_with_hard_negatives(
-        lambda X, y, w: LinearProbe(hook, C=config.C).fit(X, y, sample_weight=w),
-        X_fit[y_fit == UNSAFE],
-        X_fit[y_fit == SAFE],
-        benign_train,
-        answer_tags=[t.meta.get("source", "?") for t in corpus["train"]],
-        rounds=config.rounds,
-        seed=config.seed,
-    )
-    del benign_train
     inputs = evaluation_inputs(config, lm, hook, dev, corpus["eval"])
     dev_full = inputs.dev_harmful
     calibration = cal_states[hook]
-    X_cal = np.concatenate([*calibration, *dev_full])
-    y_cal = np.r_[np.zeros(sum(map(len, calibration))), np.ones(sum(map(len, dev_full)))].astype(
-        int
-    )
-    probe = platt_rescale(mined.probe, X_cal, y_cal)
-    debounce = choose_debounce(
-        probe, calibration, dev_full, target_rate=config.target_rate, confidence=config.confidence
-    )
-    monitor = debounce[0].monitor
+    fitted = fit_calibrated(
+        config, hook, labelled_tokens(fit_sets, fit_states), benign_train, corpus, calibration,
+        dev_full,
+    )  # fmt: skip
+    probe, monitor, mined, debounce = fitted.probe, fitted.monitor, fitted.mined, fitted.debounce
     table = evaluate_probe(
         probe, monitor, corpus["eval"], inputs.eval_states, dev_full, inputs.held_out
     )
@@ -499,6 +597,11 @@ def run_probe_v2(
         },
         "probe_v2": table,
     }
+    if config.ablation:
+        report["ablation"] = recipe_ablation(
+            config, lm, hook, fit_sets, fit_states, benign_train, corpus, calibration, inputs
+        )
+    del benign_train
     if baseline is not None:
         if baseline.hook_name != hook:
             inputs = evaluation_inputs(config, lm, baseline.hook_name, dev, corpus["eval"])

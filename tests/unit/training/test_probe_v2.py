@@ -144,11 +144,18 @@ def _trajectories(n: int, recipe: str, label: int, rng: random.Random, **meta) -
     return out
 
 
-def test_run_probe_v2_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_run_probe_v2_end_to_end(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.probes.v2 as v2
+
     lm = load_model(str(tiny_model_dir))
     rng = random.Random(0)
+    whole = _trajectories(6, "whole", UNSAFE, rng, harmful=True)
+    monkeypatch.setattr(v2, "whole_trajectories", lambda config, lm: whole)
     harmful = {
-        "train": _trajectories(20, "rwi", UNSAFE, rng, harmful=True),
+        "train": _trajectories(20, "rwi", UNSAFE, rng, harmful=True)
+        + _trajectories(8, "direct", UNSAFE, rng, harmful=True),
         "dev": _trajectories(12, "rwi", UNSAFE, rng, harmful=True)
         + _trajectories(3, "rwi", UNSAFE, rng, harmful=False),
         "safe": _trajectories(10, "refusal", SAFE, rng),
@@ -161,7 +168,7 @@ def test_run_probe_v2_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     }
     config = ProbeV2Config(
         model=str(tiny_model_dir), out=str(tmp_path / "v2"), layers=[0, -1], rounds=1,
-        target_rate=0.2,
+        target_rate=0.2, ablation=True,
     )  # fmt: skip
     baseline = _probe(d=lm.model.config.hidden_size)
     baseline.hook_name = "blocks.0.hook_resid_post"
@@ -179,6 +186,14 @@ def test_run_probe_v2_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert table["dev_harmful_recall"]["n"] == 12
     assert report["debounce_sweep"][0]["monitor"] == table["monitor"]
     assert "baseline" in report
+    # one probe per unsafe recipe, each through the same protocol and evaluation
+    assert set(report["ablation"]) == {"direct", "rwi", "whole"}
+    for row in report["ablation"].values():
+        assert row["false_triggers"]["overall"]["n"] == 30 and row["dev_harmful_recall"]["n"] == 12
+        assert row["n_unsafe_tokens"] > 0
+    assert report["ablation"]["whole"]["n_unsafe_tokens"] == sum(
+        label == UNSAFE for t in whole for label in t.labels
+    )
     probe = LinearProbe.load(tmp_path / "v2" / "probe")
     assert probe.hook_name == report["hook"]
     assert probe.threshold_ == pytest.approx(table["threshold"])
