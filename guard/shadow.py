@@ -14,6 +14,8 @@ independently. Scores equal one-session feeds up to float rounding.
 from __future__ import annotations
 
 import copy
+import logging
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from guard.arch import arch_spec, decoder_blocks
 from guard.capture import HiddenStateCapture
-from guard.errors import ProbeMismatchError
+from guard.errors import ModelNotFoundError, ProbeMismatchError
 from guard.hooks import hook_name, parse_hook_name
 from guard.probe import LinearProbe
 
@@ -42,6 +44,49 @@ def _truncated_config(config: PretrainedConfig, keep: int) -> PretrainedConfig:
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:keep]
     return config
+
+
+_LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _load_truncated(
+    path: str | Path, config: PretrainedConfig, keep: int, dtype: torch.dtype
+) -> PreTrainedModel:
+    """Load the first ``keep`` layers of the checkpoint at ``path``.
+
+    The checkpoint's later layers are expected to go unused, so transformers' load report
+    (a table of "unexpected" keys on every start) is silenced, and the loading info is
+    checked here instead: any missing or mismatched key, or an unused key that is not of
+    a later layer, is an error.
+
+    Raises:
+        ModelNotFoundError: the checkpoint does not fit the truncated model.
+    """
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True
+        )
+    finally:
+        report.setLevel(level)
+    stray = [
+        key
+        for key in info.get("unexpected_keys", ())
+        if not ((m := _LAYER_KEY.search(key)) and int(m.group(1)) >= keep)
+    ]
+    problems = {
+        "missing": sorted(info.get("missing_keys", ())),
+        "mismatched": sorted(map(str, info.get("mismatched_keys", ()))),
+        "unexpected": sorted(stray),
+    }
+    if any(problems.values()):
+        raise ModelNotFoundError(
+            f"{path} does not load into a {keep}-layer shadow model: "
+            + "; ".join(f"{kind} {keys[:5]}" for kind, keys in problems.items() if keys)
+        )
+    return model
 
 
 def _probe_layer(probe: LinearProbe, n_layers: int) -> int:
@@ -89,8 +134,7 @@ class ShadowScorer:
             raise ProbeMismatchError(
                 f"probe expects d_model={probe.n_features_in_}, {path} has {config.hidden_size}"
             )
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-        return cls(model, probe, layer=layer)
+        return cls(_load_truncated(path, config, keep, dtype), probe, layer=layer)
 
     @classmethod
     def from_model(cls, model: PreTrainedModel, probe: LinearProbe) -> ShadowScorer:

@@ -136,3 +136,13 @@ def test_a_bf16_shadow_scores_within_the_plugin_parity_tolerance(tmp_path, tiny_
     dp = (got - expected).abs()
     dlogit = (torch.logit(got, eps=1e-6) - torch.logit(expected, eps=1e-6)).abs()
     assert bool(((dp < 0.05) | (dlogit < 0.5)).all()), (dp.max(), dlogit.max())
+
+
+def test_a_checkpoint_without_the_probed_layers_is_refused(tmp_path, tiny_tokenizer):
+    from guard.errors import ModelNotFoundError
+
+    model = build_tiny_model("llama", len(tiny_tokenizer), n_layers=2)
+    model.save_pretrained(tmp_path)
+    probe = fitted_probe(32, hook="blocks.2.hook_resid_post")  # layer 2: not in the file
+    with pytest.raises(ModelNotFoundError, match="missing"):
+        ShadowScorer.from_pretrained(tmp_path, probe, n_layers=4)
