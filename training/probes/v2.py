@@ -81,7 +81,8 @@ class ProbeV2Config:
         attack_records: Held-out attack JSONLs (``trajguard attack insert|prefill``) whose
             harmful cases give recall per family, as ``family=path``.
         direct_samples: Sampled answers per train-split prompt to the plain request (the
-            direct-compliance recipe; 0: none).
+            direct-compliance recipe; 0: none, the shipped recipe: measured, it lowered
+            recall on every family).
         direct_tokens: Length of those answers.
         direct_min_tokens: Judged-harmful direct answers shorter than this are left out
             (the judge is unreliable on terse answers; applied after the cache).
@@ -107,7 +108,7 @@ class ProbeV2Config:
     target_rate: float = 0.01
     confidence: float = 0.95
     attack_records: list[str] = field(default_factory=list)
-    direct_samples: int = 2
+    direct_samples: int = 0
     direct_tokens: int = 128
     direct_min_tokens: int = 32
     ablation: bool = False

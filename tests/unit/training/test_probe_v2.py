@@ -298,7 +298,11 @@ def test_direct_trajectories_join_the_harmful_sets_and_are_cached(
     monkeypatch.setattr(v2, "harmful_trajectories", lambda *a, **k: made)
     monkeypatch.setattr(v2, "direct_trajectories", fake_direct)
     config = ProbeV2Config(
-        model=str(tiny_model_dir), out=str(tmp_path / "v2"), n_train_prompts=4, n_dev_prompts=2
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "v2"),
+        n_train_prompts=4,
+        n_dev_prompts=2,
+        direct_samples=2,
     )
     sets = v2.collect_harmful(config, lm)
     train_prompts, dev_prompts = direct_calls
