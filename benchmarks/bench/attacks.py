@@ -377,6 +377,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     thresholds: dict[str, float | None] = {}
     identities: dict[str, dict[str, Any]] = {}
     utility: dict[str, float] = {}
+    built: dict[tuple[str, int], list[_Job]] = {}  # endpoints of one local model share cases
     for model, probe in zip(config.models, probes):
         spec = ModelSpec.parse(model, default_local=DEFAULT_MODEL)
         lm = load_model(spec.local)
@@ -389,7 +390,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             thresholds[f"{spec.label}|{target.defence}"] = target.threshold
             identities[f"{spec.label}|{target.defence}"] = {"key": prefix, **target.identity}
         for seed in config.seeds:
-            jobs = _jobs(config, lm, cells, seed)  # the same cases for every defence
+            if (spec.local, seed) not in built:  # the same cases for every defence
+                built[spec.local, seed] = _jobs(config, lm, cells, seed)
+            jobs = built[spec.local, seed]
             for target, prefix in zip(targets, prefixes):
                 desc = f"{spec.label} {target.defence} seed={seed}"
                 for job in tqdm(jobs, desc=desc, disable=not progress):

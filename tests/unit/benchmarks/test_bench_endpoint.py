@@ -15,13 +15,27 @@ from training.attacks.harness import AttackConfig, build_engine
 
 
 def test_endpoint_answers_like_the_library(
-    isolated_home, tiny_model_dir, tiny_probe_dir, split_prompts_file, tiny_judge_dir, tmp_path
+    isolated_home,
+    tiny_model_dir,
+    tiny_probe_dir,
+    split_prompts_file,
+    tiny_judge_dir,
+    tmp_path,
+    monkeypatch,
 ) -> None:
     """The proxy, guarded with the same probe and policy, gives the library's direct answers.
 
     ``stop`` is the policy whose kept tokens the proxy's answer tells exactly.
     """
     import json
+
+    import benchmarks.bench.attacks as bench_attacks
+
+    builds = []
+    real_jobs = bench_attacks._jobs
+    monkeypatch.setattr(
+        bench_attacks, "_jobs", lambda *a, **k: builds.append(a[1].model_id) or real_jobs(*a, **k)
+    )
 
     lm = load_model(str(tiny_model_dir))
     decoder = build_engine(lm, tiny_probe_dir, "stop", strict_probe=False)
@@ -53,6 +67,7 @@ def test_endpoint_answers_like_the_library(
         server.should_exit = True
         thread.join(10)
 
+    assert len(builds) == 1  # the local model and its endpoint share one set of cases
     served_label = f"{tiny_model_dir.name}@{url.split('://')[1]}"
     runs = {(b["model"], b["defence"]) for b in results["benign"]}
     assert runs == {
