@@ -219,10 +219,10 @@ def _vllm_block(
                 sse_ping_interval_s=None,
             )
             engine = build_upstream_engine(config, environ=environ)
-            if engine.fast_path != (kind == "plugin"):
-                raise RuntimeError(f"{kind} block: the proxy took the wrong path")
             proxy, thread, proxy_url = _start_server(build_app(config, engine, environ={}))
             proxies.append((proxy, thread))
+            if engine.fast_path != (kind == "plugin"):  # the stream connects at app start
+                raise RuntimeError(f"{kind} block: the proxy took the wrong path")
             arm = SHADOW_ARMS[dtype] if kind == "stock" else "proxy_fast"
             targets[arm] = (proxy_url, _chat(DEFAULT_MODEL, args["max_tokens"]))
         arms = list(targets) if kind == "stock" else ["proxy_fast"]
