@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from guard import DEFAULT_MODEL, LoadedModel, MonitorConfig, load_model
 from guard.errors import ConfigError
 from guard.models import model_fingerprint
 from guard.probe import LinearProbe
-from training.common.prompts import load_attack_prompts
+from training.common.prompts import AttackPrompt, load_attack_prompts
 from training.common.responses import harmful_responses
 from training.common.stats import Rate
 from training.probes.collect import harmful_trajectories
@@ -214,10 +215,7 @@ def recall_by_recipe(
 
 
 def _recipe_counts(trajectories: Sequence[Trajectory]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in trajectories:
-        counts[t.recipe] = counts.get(t.recipe, 0) + 1
-    return counts
+    return dict(Counter(t.recipe for t in trajectories))
 
 
 def _states(
@@ -319,6 +317,22 @@ def _cached_sets(
     return sets
 
 
+def _writer(config: ProbeV2Config, lm: LoadedModel) -> LoadedModel:
+    """The writer of harmful responses (the guarded model itself unless another is named)."""
+    return lm if config.writer in (None, config.model) else load_model(config.writer)
+
+
+def _sampled_train_prompts(config: ProbeV2Config) -> tuple[list[AttackPrompt], list[AttackPrompt]]:
+    """The fit and dev prompts of :func:`collect_harmful` (one seeded train-split sample)."""
+    sampled = load_attack_prompts(
+        split="train",
+        limit=config.n_train_prompts + config.n_dev_prompts,
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )
+    return sampled[: config.n_train_prompts], sampled[config.n_train_prompts :]
+
+
 def _run_key(config: ProbeV2Config, lm: LoadedModel, fields: Sequence[str]) -> dict[str, Any]:
     return {"model_fingerprint": model_fingerprint(lm.model)} | {
         name: getattr(config, name) for name in fields
@@ -335,15 +349,10 @@ def collect_direct(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Tra
 
     def make() -> dict[str, list[Trajectory]]:
         judge = load_or_fit_judge(config.judge, data_dir=config.data_dir)
-        options = {"seed": config.seed, "data_dir": config.data_dir}
-        sampled = load_attack_prompts(
-            split="train", limit=config.n_train_prompts + config.n_dev_prompts, **options
-        )
-        dev = sampled[config.n_train_prompts :]
+        _, dev = _sampled_train_prompts(config)
         dev_texts = {p.prompt for p in dev}
-        train = [
-            p for p in load_attack_prompts(split="train", **options) if p.prompt not in dev_texts
-        ]
+        every = load_attack_prompts(split="train", seed=config.seed, data_dir=config.data_dir)
+        train = [p for p in every if p.prompt not in dev_texts]
         settings = {
             "samples": config.direct_samples,
             "max_new_tokens": config.direct_tokens,
@@ -370,10 +379,9 @@ def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Tr
     from training.attacks.judging import load_or_fit_judge
 
     def make() -> dict[str, list[Trajectory]]:
-        writer = lm if config.writer in (None, config.model) else load_model(config.writer)
         return harmful_trajectories(
             lm,
-            writer,
+            _writer(config, lm),
             load_or_fit_judge(config.judge, data_dir=config.data_dir),
             n_train=config.n_train_prompts,
             n_dev=config.n_dev_prompts,
@@ -449,15 +457,9 @@ def fit_calibrated(
 def whole_trajectories(config: ProbeV2Config, lm: LoadedModel) -> list[Trajectory]:
     """Whole harmful responses to the fit prompts, every token unsafe (the Circuit-Breakers
     harmfulness-probe recipe; the writer's continuations are cached)."""
-    writer = lm if config.writer in (None, config.model) else load_model(config.writer)
-    prompts = load_attack_prompts(
-        split="train",
-        limit=config.n_train_prompts + config.n_dev_prompts,
-        seed=config.seed,
-        data_dir=config.data_dir,
-    )[: config.n_train_prompts]
+    prompts, _ = _sampled_train_prompts(config)
     responses = harmful_responses(
-        prompts, writer, batch_size=config.batch_size, data_dir=config.data_dir
+        prompts, _writer(config, lm), batch_size=config.batch_size, data_dir=config.data_dir
     )
     return teacher_forced(
         lm, [(p.prompt, r.text) for p, r in zip(prompts, responses)], UNSAFE, "whole"
