@@ -65,6 +65,19 @@ class EventLog:
                 return got
             time.sleep(0.05)
 
+    def steps(self, keys: set[str]) -> list[set[str]]:
+        """Per engine step, which of ``keys`` it scored."""
+        return [{e["id"] for e in line.get("ev", ())} & keys for line in list(self.lines)]
+
+    def wait_together(self, keys: set[str], timeout: float = 60.0) -> bool:
+        """True once one engine step scored every key (they are decoding in one batch)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(keys <= step for step in self.steps(keys)):
+                return True
+            time.sleep(0.05)
+        return False
+
     def close(self) -> None:
         self.sock.close()
 

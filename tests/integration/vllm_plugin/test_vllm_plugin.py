@@ -162,14 +162,16 @@ def test_mixed_batch_keeps_rows_apart(engines, default_lm, probe, prompts):
     on the tokens each request actually got.
     """
     server = engines.plugin()
-    n = 96  # long enough that the four requests overlap on a busy machine
+    n = 96  # tokens of the forced and the unguarded row
+    n_long = 256  # the two observed rows: still decoding when the forced row joins them
 
     def attempt(tag: str) -> tuple[list[dict], dict[str, str], bool, str]:
         ids = {name: f"mix-{name}-{tag}" for name in "abd"}
         jobs = [
-            (prompts[0], {"trajguard": "observe", "trajguard_id": ids["a"]}),
+            (prompts[0], n_long, {"trajguard": "observe", "trajguard_id": ids["a"]}),
             (
                 prompts[1],
+                n,
                 {
                     "trajguard": "on",
                     "trajguard_id": ids["b"],
@@ -177,38 +179,32 @@ def test_mixed_batch_keeps_rows_apart(engines, default_lm, probe, prompts):
                     "trajguard_policy": "stop",
                 },
             ),
-            (prompts[2], None),
-            (prompts[3], {"trajguard": "observe", "trajguard_id": ids["d"]}),
+            (prompts[2], n, None),
+            (prompts[3], n_long, {"trajguard": "observe", "trajguard_id": ids["d"]}),
         ]
 
-        def send(prompt, xargs):
-            return server.complete(prompt, n, ignore_eos=True, xargs=xargs)
+        def send(prompt, max_tokens, xargs):
+            return server.complete(prompt, max_tokens, ignore_eos=True, xargs=xargs)
 
         # The forced row ends a few steps after it starts (token 0, then the refusal), so
-        # it is sent only once the two observed rows are decoding: arrival order of
+        # it is sent only once the two observed rows decode in one step: arrival order of
         # concurrent HTTP requests is up to the machine, joining a running batch is the
         # engine's job.
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
             futures = {k: pool.submit(send, *jobs[k]) for k in (0, 2, 3)}
-            engines.log.wait(ids["a"], range(0, 2))
-            engines.log.wait(ids["d"], range(0, 2))
+            engines.log.wait_together({ids["a"], ids["d"]})
             futures[1] = pool.submit(send, *jobs[1])
             choices = [futures[k].result() for k in range(len(jobs))]
         keys = set(ids.values())
-        steps = [{e["id"] for e in line.get("ev", ())} & keys for line in engines.log.lines]
+        steps = engines.log.steps(keys)
         shared = any(keys <= step for step in steps)
         counts = {key: sum(key in step for step in steps) for key in sorted(keys)}
-        return (
-            choices,
-            ids,
-            shared,
-            f"steps per row {counts}, first: {[sorted(s) for s in steps if s][:8]}",
-        )
+        batches = sorted({tuple(sorted(step)) for step in steps if step})
+        return choices, ids, shared, f"steps per row {counts}, row sets seen: {batches}"
 
-    # They shared decoding steps (one batch). Whether the scheduler puts three requests
-    # sent within milliseconds into one step is up to the machine's timing, so the
-    # overlap (the precondition) gets three tries; the checks below run on the try that
-    # overlapped.
+    # They shared decoding steps (one batch). Whether the scheduler puts requests sent
+    # within milliseconds into one step is up to the machine's timing, so the overlap (the
+    # precondition) gets three tries; the checks below run on the try that overlapped.
     tries = []
     for tag in "123":
         choices, ids, shared, diagnostic = attempt(tag)
@@ -222,8 +218,8 @@ def test_mixed_batch_keeps_rows_apart(engines, default_lm, probe, prompts):
     rows = [(ids["a"], prompts[0], choices[0]), (ids["d"], prompts[3], choices[3])]
     references = [hf_scores(default_lm, probe, p + c["token_ids"]) for _, p, c in rows]
     for k, (key, prompt, _) in enumerate(rows):
-        events = engines.log.wait(key, range(-1, n - 1))
-        assert_scores_match(events, references[k], len(prompt), n - 1)
+        events = engines.log.wait(key, range(-1, n_long - 1))
+        assert_scores_match(events, references[k], len(prompt), n_long - 1)
         assert not any(e["a"] for e in events.values())
         other_prompt, other_reference = rows[1 - k][1], references[1 - k]
         own = mean_logit_error(events, references[k], len(prompt))
