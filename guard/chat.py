@@ -1,4 +1,5 @@
-"""Turn chat messages into prompt token ids (plus monitored assistant prefill)."""
+"""Turn chat messages into prompt token ids (plus monitored assistant prefill), and find
+the assistant turns a prompt holds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from guard.errors import GuardValidationError
+
+Span = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +97,47 @@ def split_open_assistant_turn(
                     return EncodedPrompt(ids[:cut], ids[cut:])
                 break
     return EncodedPrompt(ids, [])
+
+
+def closed_assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]
+) -> tuple[Span, ...]:
+    """``[start, end)`` ranges of ``ids`` holding the text of closed assistant turns.
+
+    A closed turn is the assistant header (:func:`assistant_header_ids`) followed by
+    text up to the next special token (the end of turn). Those turns are written by the
+    client, not by the model this time: a harmful answer planted there and followed by
+    "continue" is a multi-turn insertion, so the guard judges them like prefill. A turn
+    still open at the end (the generation prompt, or prefill) is not history; empty
+    turns give no span. Ids are matched, not text, so a header smuggled into a message
+    that the template turned into special tokens counts too (the model reads it as one).
+    """
+    header = list(assistant_header_ids(tokenizer))
+    if not header:
+        return ()
+    ids = list(ids)
+    special = set(tokenizer.all_special_ids)
+    spans: list[Span] = []
+    start = 0
+    while True:
+        start = _find(ids, header, start)
+        if start < 0:
+            break
+        begin = end = start + len(header)
+        while end < len(ids) and ids[end] not in special:
+            end += 1
+        if end == len(ids):  # never closed
+            break
+        if end > begin:
+            spans.append((begin, end))
+        start = end
+    return tuple(spans)
+
+
+def _find(ids: list[int], needle: list[int], start: int) -> int:
+    """First index ``>= start`` where ``needle`` occurs in ``ids`` (``-1``: none)."""
+    first = needle[0]
+    for i in range(start, len(ids) - len(needle) + 1):
+        if ids[i] == first and ids[i : i + len(needle)] == needle:
+            return i
+    return -1

@@ -126,6 +126,8 @@ class GuardConfig:
         on_monitor_error: ``"block"`` ends the request with an error when scoring fails
             (fail closed); ``"allow"`` continues unguarded.
         monitor_prefill: score client-supplied assistant prefill tokens too.
+        monitor_history: judge the closed assistant turns a client wrote into the prompt
+            (multi-turn insertion), each under a fresh monitor.
     """
 
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -133,6 +135,7 @@ class GuardConfig:
     holdback: int = 4
     on_monitor_error: Literal["block", "allow"] = "block"
     monitor_prefill: bool = True
+    monitor_history: bool = True
 
     def __post_init__(self) -> None:
         if self.holdback < 0:

@@ -251,13 +251,14 @@ class GuardedEngine:
             return None
 
     def _admit(self, row: _Row) -> None:
-        """Prefill the prompt (+ assistant prefill), judge the prefill, sample a first token."""
+        """Prefill the prompt (+ assistant prefill), judge prefill and history, sample a first token."""
         request = row.request
         cache = DynamicCache()
         logits, states = self._extend(cache, request.context_ids)
-        if request.guarded and request.n_prefill:
-            scores = self._scores(states[-request.n_prefill :])
-            recovery = request.judge_prefill(scores)
+        if request.guarded and (request.n_prefill or request.history_spans):
+            prefill = self._scores(states[len(request.prompt_ids) :]) if request.n_prefill else []
+            history = [self._scores(states[a:b]) for a, b in request.history_spans]
+            recovery = request.judge_context(prefill, history)
             if recovery is not None:
                 logits = self._carry_out(request, recovery, cache)
         if request.finished:

@@ -23,6 +23,9 @@ class Intervention:
         discarded: how many unreleased tokens were thrown away.
         injected: recovery tokens the guard put into the answer right after the kept ones
             (rollback); they are the guard's words, not the model's.
+        turn: ``None`` when a response token fired; else the client-written assistant
+            turn of the prompt that fired (0-based, in prompt order), ``step`` then
+            indexing that turn's tokens, and the answer recovered from its start.
     """
 
     step: int
@@ -31,6 +34,7 @@ class Intervention:
     kept: int
     discarded: int
     injected: int = 0
+    turn: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,8 @@ class GuardSummary:
         first = interventions[0] if interventions else None
         return cls(
             triggered=first is not None,
-            trigger_index=None if first is None else first.step,
+            # A history turn that fired has no index in the response.
+            trigger_index=None if first is None or first.turn is not None else first.step,
             max_score=max([i.score for i in interventions] + [monitor.max_score]),
             action=None if first is None else interventions[-1].action,
             recoveries=recoveries,

@@ -9,6 +9,9 @@ the newest token got its score, recovery tokens were fed. The request decides th
   ``holdback`` later tokens were scored too, so a recovery never retracts released text.
 - **Prefill is judged** from its first token (``monitor_prefill``); our own recovery
   text is recorded, never judged.
+- **History is judged** (``monitor_history``): each closed assistant turn the client
+  wrote into the prompt gets a fresh monitor; if one fires, the answer is recovered from
+  its start (after any prefill), as if its first token had fired.
 - **Unusable scores fail closed.** A missing (scoring raised), NaN or infinite score ends
   the request with ``finish_reason="error"``, unless the operator chose
   ``on_monitor_error="allow"``, which records the token as unscored.
@@ -32,6 +35,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from guard.chat import closed_assistant_spans
 from guard.config import GuardConfig, SamplingParams
 from guard.detok import ReleasedText
 from guard.errors import ContextLengthError, GuardValidationError
@@ -68,6 +72,15 @@ class Recovery:
     keep: int
     discarded: int
     inject_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _HistoryFire:
+    """Where the monitor fired in the client-written history."""
+
+    turn: int
+    step: int
+    score: float
 
 
 @dataclass
@@ -135,6 +148,13 @@ class GuardedRequest:
         self.n_prefill = len(prefill_ids)
         self.response_ids = prefill_ids  # assistant prefill + generated (+ injected)
         self.monitor = StepMonitor(config.monitor, threshold=threshold) if guarded else None
+        #: ``[start, end)`` ranges of the prompt holding closed assistant turns the client
+        #: wrote; the backend scores them for :meth:`judge_context` (empty: nothing to judge).
+        self.history_spans = (
+            closed_assistant_spans(tokenizer, prompt_ids)
+            if guarded and config.monitor_history
+            else ()
+        )
         self.policy = RecoveryPolicy.from_config(config.policy)
         self.released = self.n_prefill  # the prefill is the client's own: never sent back
         self.recoveries = 0
@@ -175,20 +195,29 @@ class GuardedRequest:
 
     # ---- what the backend reports ----------------------------------------------------
 
-    def judge_prefill(self, scores: Sequence[float | None] | None) -> Recovery | None:
-        """Judge the assistant prefill's scores, from its first token on.
+    def judge_context(
+        self,
+        prefill: Sequence[float | None] | None,
+        history: Sequence[Sequence[float | None] | None] = (),
+    ) -> Recovery | None:
+        """Judge what the client wrote for the assistant: prefill and history turns.
 
         Args:
-            scores: one per prefill token (``None``: scoring failed).
+            prefill: one score per prefill token (``None``: scoring failed).
+            history: one entry per :attr:`history_spans` range, one score per token of
+                it (``None``: scoring failed).
 
         Returns:
-            The recovery to apply after the prefill, if the monitor fired on it.
+            The recovery to apply after the prefill, if the monitor fired on either.
         """
-        if self.monitor is None or not self.n_prefill:
+        if self.monitor is None:
             return None
-        scores = [None] * self.n_prefill if scores is None else list(scores)
+        fire = self._judge_history(history)
+        if self.finished:
+            return None
         fired = False
-        for score in scores:
+        scores = [None] * self.n_prefill if prefill is None else list(prefill)
+        for score in scores[: self.n_prefill]:
             if not self.config.monitor_prefill:
                 self.monitor.record(score if usable_score(score) else math.nan)
             elif self._judgeable(score):
@@ -196,7 +225,31 @@ class GuardedRequest:
             elif self.finished:
                 return None
         # The prefill is the client's own text: a recovery starts after it.
-        return self._recover() if fired else None
+        if fired:
+            return self._recover()
+        return self._recover(fire) if fire is not None else None
+
+    def _judge_history(
+        self, history: Sequence[Sequence[float | None] | None]
+    ) -> _HistoryFire | None:
+        """Each history turn under a fresh monitor; the first that fires (or ``None``).
+
+        A turn without scores (missing, or ``None``) and an unusable score fail closed (the request finishes with an error) unless the
+        operator allows it, like any other score.
+        """
+        history = list(history) + [None] * (len(self.history_spans) - len(history))
+        for turn, ((begin, end), scores) in enumerate(zip(self.history_spans, history)):
+            monitor = StepMonitor(self.config.monitor, threshold=self.monitor.threshold)
+            scores = [None] * (end - begin) if scores is None else list(scores)
+            for step, score in enumerate(scores):
+                if not usable_score(score):
+                    if self.config.on_monitor_error != "allow":
+                        self.finish("error", error=FAIL_CLOSED_MESSAGE)
+                        return None
+                    continue
+                if monitor.observe(score).flagged:
+                    return _HistoryFire(turn, step, float(score))
+        return None
 
     def append(self, token: int) -> None:
         """A token was sampled (or streamed) for this request."""
@@ -294,8 +347,12 @@ class GuardedRequest:
             self.finish("error", error=FAIL_CLOSED_MESSAGE)
         return False
 
-    def _recover(self) -> Recovery:
-        """Ask the policy what to do about the token that fired, and apply it here."""
+    def _recover(self, history: _HistoryFire | None = None) -> Recovery:
+        """Ask the policy what to do about the token that fired, and apply it here.
+
+        A history fire is decided on the response so far (at most the prefill, all of it
+        released): every policy then keeps the prefill and recovers from there.
+        """
         trigger = Trigger(
             scores=tuple(self.monitor.trace),
             threshold=self.monitor.threshold,
@@ -303,20 +360,27 @@ class GuardedRequest:
             recoveries=self.recoveries,
             response_ids=tuple(self.response_ids),
         )
-        return self._apply(self.policy.decide(trigger), trigger)
+        return self._apply(self.policy.decide(trigger), trigger, history)
 
-    def _apply(self, action: Action, trigger: Trigger) -> Recovery:
+    def _apply(
+        self, action: Action, trigger: Trigger, history: _HistoryFire | None = None
+    ) -> Recovery:
         discarded = len(self.response_ids) - action.keep
         inject: tuple[int, ...] = ()
         if action.kind == "rollback":
             inject = tuple(self.tokenizer.encode(action.inject_text, add_special_tokens=False))
+        if history is None:
+            step, score, turn = trigger.index - self.n_prefill, trigger.score, None
+        else:
+            step, score, turn = history.step, history.score, history.turn
         intervention = Intervention(
-            step=trigger.index - self.n_prefill,
-            score=trigger.score,
+            step=step,
+            score=score,
             action=action.kind,
             kept=action.keep - self.n_prefill,
             discarded=discarded,
             injected=len(inject),
+            turn=turn,
         )
         self.interventions.append(intervention)
         self._delta.interventions.append(intervention)

@@ -43,6 +43,9 @@ def serve(
     holdback: int = typer.Option(4, min=0, help="Tokens held back until scored safe."),
     threshold: float | None = typer.Option(None, help="Override the probe's calibrated threshold."),
     on_monitor_error: str = typer.Option("block", help="block (fail closed) | allow"),
+    monitor_history: bool = typer.Option(
+        True, help="Judge the assistant turns a client wrote into the prompt (multi-turn)."
+    ),
     api_keys_file: Path | None = typer.Option(
         None, help="One API key per line (also: $TRAJGUARD_API_KEYS)."
     ),
@@ -85,6 +88,7 @@ def serve(
             holdback=holdback,
             threshold=threshold,
             on_monitor_error=on_monitor_error,
+            monitor_history=monitor_history,
             api_keys_file=api_keys_file,
             allow_unauthenticated=allow_unauthenticated,
             max_concurrent_requests=max_concurrent_requests,

@@ -26,6 +26,8 @@ class ServerConfig(BaseModel):
         probe: probe directory (default: the probe shipped for the default model).
         shadow_dtype: dtype of the ``vllm`` backend's shadow scorer (``bfloat16``: faster on
             CPUs with bf16 instructions, and the dtype the in-engine plugin scores in).
+        monitor_history: judge the closed assistant turns a client wrote into the prompt
+            (multi-turn insertion), each under a fresh monitor.
         api_keys: accepted bearer keys (``TRAJGUARD_API_KEYS`` and ``api_keys_file`` add more).
         allow_unauthenticated: allow a non-loopback host without any API key.
         max_prompt_tokens: larger prompts are refused with 413 (``None``: context only).
@@ -52,6 +54,7 @@ class ServerConfig(BaseModel):
     threshold: float | None = Field(None, gt=0.0, lt=1.0)
     max_recoveries: int = Field(2, ge=0)
     on_monitor_error: Literal["block", "allow"] = "block"
+    monitor_history: bool = True
     api_keys: tuple[str, ...] = Field((), repr=False)
     api_keys_file: Path | None = None
     allow_unauthenticated: bool = False
@@ -97,4 +100,5 @@ class ServerConfig(BaseModel):
             policy=PolicyConfig(kind=self.policy, max_recoveries=self.max_recoveries),
             holdback=self.holdback,
             on_monitor_error=self.on_monitor_error,
+            monitor_history=self.monitor_history,
         )

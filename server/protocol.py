@@ -263,6 +263,8 @@ class InterventionInfo(BaseModel):
 
     ``kept`` tokens were released before it; ``injected`` recovery tokens follow them
     (the guard's words, not the model's); ``discarded`` unreleased tokens were dropped.
+    ``turn`` is set when a client-written assistant turn of the prompt fired (0-based);
+    ``step`` then indexes that turn's tokens.
     """
 
     step: int
@@ -271,6 +273,7 @@ class InterventionInfo(BaseModel):
     kept: int
     discarded: int
     injected: int = 0
+    turn: int | None = Field(None, exclude_if=_omit_none)
 
 
 class TrajguardChoiceInfo(BaseModel):

@@ -257,12 +257,13 @@ class UpstreamVLLMEngine(GuardEngine):
         try:
             recovery = None
             if scores is not None:
-                prefill = await scores.prefill(
+                prefill, history = await scores.context(
                     request.prompt_ids,
                     request.response_ids[: request.n_prefill],
-                    lambda xargs: self._forced_pass(request, xargs),
+                    request.history_spans,
+                    lambda prompt, xargs: self._forced_pass(request, prompt, xargs),
                 )
-                recovery = request.judge_prefill(prefill)
+                recovery = request.judge_context(prefill, history)
             while not request.finished:
                 if recovery is not None:
                     await self._carry_out(request, recovery, scores)
@@ -293,9 +294,10 @@ class UpstreamVLLMEngine(GuardEngine):
         await scores.rewind(recovery.discarded)
         request.injected(await scores.injected(recovery.inject_ids))
 
-    async def _forced_pass(self, request: GuardedRequest, xargs: dict) -> None:
-        """A short pass that forces ``xargs['trajguard_prefix']`` (fast-path prefill scores)."""
-        body = self._body(request, request.prompt_ids, request.n_prefill + 1)
+    async def _forced_pass(self, request: GuardedRequest, prompt: list[int], xargs: dict) -> None:
+        """A short pass that forces ``xargs['trajguard_prefix']`` after ``prompt`` (fast-path
+        scores of prefill and history)."""
+        body = self._body(request, prompt, len(xargs["trajguard_prefix"]) + 1)
         body.update(stream=False, temperature=0.0, ignore_eos=True, vllm_xargs=xargs)
         try:
             response = await self._client.post("/v1/completions", json=body)

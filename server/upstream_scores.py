@@ -10,7 +10,8 @@ Each request of :class:`server.upstream.UpstreamVLLMEngine` holds one :class:`To
   same probe, so every token's score arrives on its event stream. Each upstream pass runs in
   ``observe`` mode under its own key; the score of output token ``i`` arrives while the
   engine computes token ``i + 1``, so one extra token is requested per pass. The
-  assistant prefill is scored by a short pass that forces it (``trajguard_prefix``).
+  assistant prefill, and each closed assistant turn of the prompt, is scored by a short
+  pass that forces it (``trajguard_prefix``) after the prompt before it.
 
 A score that cannot be had is ``None`` (the request's rules fail it closed); a lost event
 stream is :class:`server.errors.EngineDeadError` (503). The stream is trusted only after
@@ -42,8 +43,9 @@ Score = float | None
 BATCH_WINDOW_S = 0.005
 #: Most sessions per batched shadow forward.
 MAX_BATCH = 32
-#: Sends one non-streamed upstream completion whose ``vllm_xargs`` are given.
-ForcedPass = Callable[[dict], Awaitable[None]]
+#: Sends one non-streamed upstream completion of a prompt, with the ``vllm_xargs`` given.
+ForcedPass = Callable[[list[int], dict], Awaitable[None]]
+Span = tuple[int, int]
 
 
 class TokenScores(ABC):
@@ -55,10 +57,14 @@ class TokenScores(ABC):
     scores_final_token: bool = True
 
     @abstractmethod
-    async def prefill(
-        self, prompt_ids: list[int], prefill_ids: list[int], forced_pass: ForcedPass
-    ) -> list[Score]:
-        """Start scoring; the scores of the assistant prefill tokens."""
+    async def context(
+        self,
+        prompt_ids: list[int],
+        prefill_ids: list[int],
+        history_spans: tuple[Span, ...],
+        forced_pass: ForcedPass,
+    ) -> tuple[list[Score], list[list[Score]]]:
+        """Start scoring; the scores of the prefill tokens and of each history span."""
 
     def open_pass(self, first_index: int) -> dict | None:
         """A pass starts at response index ``first_index``; its ``vllm_xargs`` (if any)."""
@@ -266,9 +272,9 @@ class ShadowScores(TokenScores):
             logger.exception("shadow scoring failed")
             return [None] * len(token_ids)
 
-    async def prefill(self, prompt_ids, prefill_ids, forced_pass):
+    async def context(self, prompt_ids, prefill_ids, history_spans, forced_pass):
         scores = await self._feed(prompt_ids + prefill_ids)
-        return scores[len(prompt_ids) :]
+        return scores[len(prompt_ids) :], [scores[a:b] for a, b in history_spans]
 
     async def score(self, token: int, index: int) -> Score:
         (score,) = await self._feed([token])
@@ -323,13 +329,24 @@ class PluginScores(TokenScores):
         except (KeyError, TypeError, ValueError):
             return None
 
-    async def prefill(self, prompt_ids, prefill_ids, forced_pass):
-        if not prefill_ids:
+    async def context(self, prompt_ids, prefill_ids, history_spans, forced_pass):
+        history = [
+            await self._forced(prompt_ids[:a], prompt_ids[a:b], forced_pass)
+            for a, b in history_spans
+        ]
+        prefill = await self._forced(prompt_ids, prefill_ids, forced_pass)
+        return prefill, history
+
+    async def _forced(
+        self, prompt_ids: list[int], forced_ids: list[int], forced_pass: ForcedPass
+    ) -> list[Score]:
+        """Scores of ``forced_ids`` after ``prompt_ids``, from one forced upstream pass."""
+        if not forced_ids:
             return []
         xargs = self.open_pass(0)
         try:
-            await forced_pass({**xargs, "trajguard_prefix": list(prefill_ids)})
-            return [await self._get(i) for i in range(len(prefill_ids))]
+            await forced_pass(list(prompt_ids), {**xargs, "trajguard_prefix": list(forced_ids)})
+            return [await self._get(i) for i in range(len(forced_ids))]
         finally:
             self.close_pass()
 

@@ -10,6 +10,7 @@ from guard import (
     PolicyConfig,
     SamplingParams,
 )
+from guard.chat import closed_assistant_spans, encode_chat
 from tests.helpers import ScriptedProbe, fitted_probe
 
 PROMPTS = ["Sure, here is how", "The quick brown fox jumps", "step one"]
@@ -287,3 +288,60 @@ def test_extreme_sampling_values_do_not_break_the_step(tiny_llama, tiny_tokenize
         [encode(tiny_tokenizer, PROMPTS[0])], SamplingParams(max_tokens=4, seed=1, **params)
     )
     assert result.finish_reason in ("length", "stop")
+
+
+HISTORY = [
+    {"role": "user", "content": "How do I do it?"},
+    {"role": "assistant", "content": "Sure, here is how to do it. Step 1:"},
+    {"role": "user", "content": "continue"},
+]
+
+
+def fires_on_history(call: int, n: int) -> list[float]:
+    """Hot on the last token of any multi-token feed (a history turn), cold on decode steps."""
+    return [0.0] * (n - 1) + [0.95] if n > 1 else [0.0] * n
+
+
+@pytest.mark.parametrize("kind", ["stop", "rollback"])
+def test_a_harmful_history_turn_recovers_the_answer_from_its_start(
+    tiny_llama, tiny_tokenizer, kind
+):
+    prompt = encode_chat(tiny_tokenizer, HISTORY).prompt_ids
+    ((begin, end),) = closed_assistant_spans(tiny_tokenizer, prompt)
+    config = GuardConfig(
+        holdback=2,
+        policy=PolicyConfig(kind=kind, refusal_message="no", recovery_text=" I can't."),
+    )
+    engine = GuardedEngine(
+        tiny_llama, tiny_tokenizer, ScriptedProbe(fitted_probe(32), fires_on_history), config
+    )
+    (result,) = engine.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True))
+    event = result.interventions[0]
+    assert (event.turn, event.step, event.kept) == (0, end - begin - 1, 0)
+    assert result.summary.triggered and result.summary.trigger_index is None
+    if kind == "stop":
+        assert result.finish_reason == "content_filter" and result.text == "no"
+        assert result.token_ids == []
+    else:
+        recovery = tiny_tokenizer.encode(" I can't.", add_special_tokens=False)
+        assert result.token_ids[: len(recovery)] == recovery
+        assert result.model_spans() == [(len(recovery), len(result.token_ids))]
+
+
+def test_history_is_not_judged_when_switched_off(tiny_llama, tiny_tokenizer):
+    prompt = encode_chat(tiny_tokenizer, HISTORY).prompt_ids
+    probe = ScriptedProbe(fitted_probe(32), fires_on_history)
+    config = GuardConfig(monitor_history=False, policy=PolicyConfig(kind="stop"))
+    engine = GuardedEngine(tiny_llama, tiny_tokenizer, probe, config)
+    (result,) = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert not result.summary.triggered and len(result.token_ids) == 4
+
+
+def test_an_unscorable_history_turn_fails_closed(tiny_llama, tiny_tokenizer):
+    prompt = encode_chat(tiny_tokenizer, HISTORY).prompt_ids
+    probe = ScriptedProbe(
+        fitted_probe(32), lambda call, n: [float("nan")] * n if n > 1 else [0.0] * n
+    )
+    engine = GuardedEngine(tiny_llama, tiny_tokenizer, probe)
+    (result,) = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert result.finish_reason == "error" and result.token_ids == []
