@@ -23,7 +23,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmarks.bench.cache import SampleCache, digest, tokenizer_digest
-from benchmarks.bench.cells import ATTACKS, AttackCell, attack_cells, benign_prompts
+from benchmarks.bench.cells import (
+    ATTACKS,
+    PROBE_AWARE_STEPS,
+    AttackCell,
+    attack_cells,
+    benign_prompts,
+)
 from benchmarks.bench.machine import describe_machine
 from benchmarks.bench.report import render_report
 from benchmarks.bench.targets import EndpointTarget, LocalTarget, ModelSpec, Target
@@ -76,6 +82,7 @@ class BenchConfig:
         rwi_k: Random insertions per prompt the RWI attack picks its worst from.
         rwi_criterion: The RWI attacker's criterion (``harm_likelihood`` or
             ``recovery_loss``).
+        probe_aware_steps: The probe-aware attacker's budgets (GCG steps; 0: no search).
         utility_n: GSM8K test references whose mean token log-likelihood is the utility
             figure of a local model (0: skip).
         chunk: Samples generated between two cache flushes.
@@ -98,6 +105,7 @@ class BenchConfig:
     benign_limit: int = 60
     rwi_k: int = 8
     rwi_criterion: str = "harm_likelihood"
+    probe_aware_steps: list[int] = field(default_factory=lambda: list(PROBE_AWARE_STEPS))
     utility_n: int = 100
     chunk: int = 32
     api_key: str | None = None
@@ -366,6 +374,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         refusal=config.refusal,
         rwi_k=config.rwi_k,
         rwi_criterion=config.rwi_criterion,
+        probe_aware_steps=config.probe_aware_steps,
     )
     judge = load_or_fit_judge(
         config.harness.judge,

@@ -18,6 +18,7 @@ from training.attacks.harness import AttackCase, AttackContext
 from training.attacks.insert import grid_cases
 from training.attacks.multiturn import multiturn_cases
 from training.attacks.prefill import prefill_cases
+from training.attacks.probe_aware import DEFAULT_STEPS as PROBE_AWARE_STEPS
 from training.attacks.probe_aware import probe_aware_cases
 from training.attacks.rap import DEFAULT_TOP_K, PrefixCache, rap_cases
 from training.attacks.worst_insert import worst_insertion_cases
@@ -62,6 +63,7 @@ def attack_cells(
     rwi_k: int = 8,
     rwi_criterion: str = "harm_likelihood",
     rap_top_k: int = DEFAULT_TOP_K,
+    probe_aware_steps: Sequence[int] = PROBE_AWARE_STEPS,
 ) -> list[AttackCell]:
     """The requested cells, in :data:`ALL_ATTACKS` order.
 
@@ -77,7 +79,8 @@ def attack_cells(
     tokens of a rank-assisted prefix, each among the model's ``rap_top_k`` next tokens
     (:mod:`training.attacks.rap`), so its cells compare with ``prefill``'s; ``probe_aware``
     (opt-in) optimises an inserted span against the guard's own probe (the run's single
-    ``--probe``), one cell per attacker budget (:mod:`training.attacks.probe_aware`).
+    ``--probe``), one cell per attacker budget of ``probe_aware_steps``
+    (:mod:`training.attacks.probe_aware`).
 
     Raises:
         ValueError: An unknown attack name.
@@ -109,20 +112,22 @@ def attack_cells(
         "rap": AttackCell(
             "rap", partial(rap_cases, ks=ks, top_k=rap_top_k, cache=rap_searches), (("k",),)
         ),
-        "probe_aware": AttackCell("probe_aware", _probe_aware_build, (("steps",),)),
+        "probe_aware": AttackCell(
+            "probe_aware", partial(_probe_aware_build, steps=probe_aware_steps), (("steps",),)
+        ),
     }
     return [cells[name] for name in ALL_ATTACKS if name in attacks]
 
 
-def _probe_aware_build(ctx: AttackContext) -> list[AttackCase]:
-    """Probe-aware cases at the default budgets, against the run's guard probe.
+def _probe_aware_build(ctx: AttackContext, steps: Sequence[int]) -> list[AttackCase]:
+    """Probe-aware cases at the budgets ``steps``, against the run's guard probe.
 
     Raises:
         ValueError: The run has no single guard probe (``ctx.config.probe``).
     """
     if ctx.config.probe is None:
         raise ValueError("the probe_aware family needs one guard probe for every model (--probe)")
-    return probe_aware_cases(ctx, LinearProbe.load(ctx.config.probe))
+    return probe_aware_cases(ctx, LinearProbe.load(ctx.config.probe), steps)
 
 
 def benign_prompts(

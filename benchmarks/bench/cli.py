@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from benchmarks.bench.attacks import BenchConfig, run_bench
-from benchmarks.bench.cells import ALL_ATTACKS, ATTACKS
+from benchmarks.bench.cells import ALL_ATTACKS, ATTACKS, PROBE_AWARE_STEPS
 from benchmarks.bench.perf import BENCHMARKS, PerfConfig, run_perf
 from benchmarks.bench.report import load_results, render_report
 from guard import BASE_MODEL, DEFAULT_MODEL
@@ -86,6 +86,9 @@ def attacks(
     rwi_criterion: Annotated[
         str, typer.Option(help=f"RWI attacker's criterion: {'|'.join(CRITERIA)}.")
     ] = "harm_likelihood",
+    probe_aware_steps: Annotated[
+        str, typer.Option(help="probe_aware: attacker budgets, comma-separated GCG steps.")
+    ] = ",".join(map(str, PROBE_AWARE_STEPS)),
     utility_n: Annotated[
         int, typer.Option(min=0, help="GSM8K references for the utility log-likelihood.")
     ] = 100,
@@ -147,6 +150,7 @@ def attacks(
         benign_limit=benign_limit,
         rwi_k=rwi_k,
         rwi_criterion=rwi_criterion,
+        probe_aware_steps=_ints(probe_aware_steps, "--probe-aware-steps"),
         utility_n=utility_n,
         api_key=api_key,
         harness=harness,

@@ -24,6 +24,7 @@ from guard import (
     SamplingParams,
     encode_chat,
 )
+from guard.chat import closed_assistant_spans
 from guard.vllm.channel import probe_digest
 from server.engine import GuardOptions
 from server.upstream import UpstreamVLLMEngine
@@ -246,12 +247,12 @@ def test_bad_option_is_rejected_with_400(engines, prompts):
     assert response.status_code == 400
 
 
-def _run(engine: UpstreamVLLMEngine, prompt, params):
+def _run(engine: UpstreamVLLMEngine, prompt, params, request_id: str = "p1"):
     async def go():
         await engine.start()
         try:
             assert engine.fast_path
-            stream = await engine.generate("p1", prompt, params, guard_options=GuardOptions())
+            stream = await engine.generate(request_id, prompt, params, guard_options=GuardOptions())
             return [out async for out in stream]
         finally:
             await engine.shutdown()
@@ -328,6 +329,26 @@ def test_proxy_fast_path_scores_assistant_prefill(engines, default_lm, probe):
     ids = prompt.prompt_ids + prompt.prefill_ids
     reference = hf_scores(default_lm, probe, ids)[len(prompt.prompt_ids) :]
     got = [events[i]["s"] for i in range(n_prefill)]
+    assert not any(score_error(p, q) for p, q in zip(got, reference, strict=True)), got
+
+
+def test_proxy_fast_path_scores_assistant_history(engines, default_lm, probe):
+    """A closed assistant turn of the prompt is forced in its own pass and scored like HF."""
+    server = engines.plugin()
+    messages = [
+        {"role": "user", "content": PROMPTS[2]},
+        {"role": "assistant", "content": "Waves roll in"},
+        {"role": "user", "content": "continue"},
+    ]
+    prompt = encode_chat(default_lm.tokenizer, messages)
+    ((begin, end),) = closed_assistant_spans(default_lm.tokenizer, prompt.prompt_ids)
+    config = GuardConfig(monitor=MonitorConfig(threshold=1 - 1e-9), holdback=2)
+    engine = _proxy_engine(server, default_lm, probe, engines, config)
+    outputs = _run(engine, prompt, SamplingParams(max_tokens=4, ignore_eos=True), "history")
+    assert outputs[-1].finish_reason == "length" and not outputs[-1].summary.triggered
+    events = engines.log.wait("history/1", range(end - begin))  # first pass: the turn
+    reference = hf_scores(default_lm, probe, prompt.prompt_ids[:end])[begin:]
+    got = [events[i]["s"] for i in range(end - begin)]
     assert not any(score_error(p, q) for p, q in zip(got, reference, strict=True)), got
 
 

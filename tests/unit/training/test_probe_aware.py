@@ -15,6 +15,7 @@ from tests.helpers import fitted_probe
 from training.attacks.cli import app
 from training.attacks.harness import AttackConfig, AttackContext
 from training.attacks.probe_aware import (
+    DEFAULT_STEPS,
     allowed_tokens,
     hook_states,
     optimise_span,
@@ -199,3 +200,17 @@ def test_bench_family_is_opt_in_and_needs_the_guard_probe(attack_ctx) -> None:
     assert attack_ctx.config.probe is None
     with pytest.raises(ValueError, match="probe"):
         cell.build(attack_ctx)
+
+
+def test_bench_family_runs_the_budgets_it_is_given(attack_ctx, tmp_path, monkeypatch) -> None:
+    from benchmarks.bench import cells
+
+    searched = []
+    monkeypatch.setattr(
+        cells, "probe_aware_cases", lambda ctx, probe, steps: searched.append(list(steps)) or []
+    )
+    attack_ctx.config.probe = str(fitted_probe(32).save(tmp_path / "probe"))
+    for given, expected in (({}, list(DEFAULT_STEPS)), ({"probe_aware_steps": [0, 5]}, [0, 5])):
+        (cell,) = cells.attack_cells(["probe_aware"], ks=[1], positions=[0], lengths=[4], **given)
+        cell.build(attack_ctx)
+        assert searched.pop() == expected
