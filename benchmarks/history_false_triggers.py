@@ -62,11 +62,16 @@ def _fires(choice: dict[str, Any]) -> tuple[bool, bool]:
 class Client:
     """Non-streamed chat completions against the proxy, ``concurrency`` at a time."""
 
-    def __init__(self, url: str, model: str, api_key: str | None, concurrency: int) -> None:
+    def __init__(self, url: str, api_key: str | None, concurrency: int) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(base_url=url, headers=headers, timeout=600.0)
-        self.model = model
+        self.model = ""
         self.gate = asyncio.Semaphore(concurrency)
+
+    async def use_served_model(self) -> str:
+        """Chat with the first model the proxy serves; its name."""
+        self.model = (await self.http.get("/v1/models")).json()["data"][0]["id"]
+        return self.model
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
         body = {
@@ -144,26 +149,24 @@ async def run(
     reply_tokens: int,
     data_dir: Path | None,
 ) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=url, timeout=30.0) as probe:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        model = (await probe.get("/v1/models", headers=headers)).json()["data"][0]["id"]
-    client = Client(url, model, api_key, concurrency)
     prompts = sample_prompts(per_source, seed, data_dir)
     rng = random.Random(f"history-follow-up:{seed}")
-    jobs = [
-        conversation(
-            client,
-            p,
-            arm,
-            rng.choice(CONTINUE_PHRASES),
-            answer_tokens=answer_tokens,
-            reply_tokens=reply_tokens,
-        )
-        for p in prompts
-        for arm in ARMS
-    ]
-    start = time.perf_counter()
+    client = Client(url, api_key, concurrency)
     try:
+        model = await client.use_served_model()
+        start = time.perf_counter()
+        jobs = [
+            conversation(
+                client,
+                p,
+                arm,
+                rng.choice(CONTINUE_PHRASES),
+                answer_tokens=answer_tokens,
+                reply_tokens=reply_tokens,
+            )
+            for p in prompts
+            for arm in ARMS
+        ]
         records = [r for r in await asyncio.gather(*jobs) if r is not None]
     finally:
         await client.http.aclose()

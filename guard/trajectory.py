@@ -234,20 +234,18 @@ class GuardedRequest:
     ) -> _HistoryFire | None:
         """Each history turn under a fresh monitor; the first that fires (or ``None``).
 
-        A turn without scores (missing, or ``None``) and an unusable score fail closed (the request finishes with an error) unless the
-        operator allows it, like any other score.
+        A turn without scores (missing, or ``None``) and an unusable score follow the rule
+        of every other score (:meth:`_judgeable`).
         """
         history = list(history) + [None] * (len(self.history_spans) - len(history))
         for turn, ((begin, end), scores) in enumerate(zip(self.history_spans, history)):
             monitor = StepMonitor(self.config.monitor, threshold=self.monitor.threshold)
             scores = [None] * (end - begin) if scores is None else list(scores)
             for step, score in enumerate(scores):
-                if not usable_score(score):
-                    if self.config.on_monitor_error != "allow":
-                        self.finish("error", error=FAIL_CLOSED_MESSAGE)
+                if not self._judgeable(score, monitor):
+                    if self.finished:
                         return None
-                    continue
-                if monitor.observe(score).flagged:
+                elif monitor.observe(score).flagged:
                     return _HistoryFire(turn, step, float(score))
         return None
 
@@ -337,12 +335,13 @@ class GuardedRequest:
 
     # ---- rules ---------------------------------------------------------------------
 
-    def _judgeable(self, score: float | None) -> bool:
-        """Whether ``score`` can be judged; an unusable one fails closed or is recorded."""
+    def _judgeable(self, score: float | None, monitor: StepMonitor | None = None) -> bool:
+        """Whether ``score`` can be judged; an unusable one fails closed or is recorded
+        (in ``monitor``, default the response's)."""
         if usable_score(score):
             return True
         if self.config.on_monitor_error == "allow":
-            self.monitor.record(math.nan)  # unscored; the answer goes on unguarded here
+            (monitor or self.monitor).record(math.nan)  # unscored; goes on unguarded here
         else:
             self.finish("error", error=FAIL_CLOSED_MESSAGE)
         return False

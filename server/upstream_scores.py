@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from guard.chat import Span
 from guard.probe import LinearProbe
 from guard.shadow import ShadowScorer, ShadowSession
 from guard.vllm.channel import EventSubscriber, ScoreFeed, probe_digest, secret_key
@@ -45,7 +46,6 @@ BATCH_WINDOW_S = 0.005
 MAX_BATCH = 32
 #: Sends one non-streamed upstream completion of a prompt, with the ``vllm_xargs`` given.
 ForcedPass = Callable[[list[int], dict], Awaitable[None]]
-Span = tuple[int, int]
 
 
 class TokenScores(ABC):
