@@ -125,6 +125,15 @@ def v2(
     direct_min_tokens: Annotated[
         int, typer.Option(min=0, help="Shorter judged-harmful direct answers are left out.")
     ] = _V2.direct_min_tokens,
+    adversarial_records: Annotated[
+        list[Path] | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="records.jsonl of a probe-aware attack on train-split prompts: its harmful "
+            "cases join the fit (adversarial probe training); repeatable.",
+        ),
+    ] = None,
     ablation: Annotated[
         bool, typer.Option(help="Also fit one probe per unsafe recipe under the same protocol.")
     ] = _V2.ablation,
@@ -166,6 +175,7 @@ def v2(
         direct_samples=direct_samples,
         direct_tokens=direct_tokens,
         direct_min_tokens=direct_min_tokens,
+        adversarial_records=[str(p) for p in adversarial_records or []],
         ablation=ablation,
         writer=writer,
         judge=str(judge) if judge else None,

@@ -57,14 +57,24 @@ class HeldOutAttacks:
 
 
 def attack_record_sequences(lm: LoadedModel, path: Path) -> list[dict[str, Any]]:
-    """Held-out insertion cases as token sequences, with where the span starts."""
+    """Attack records (``records.jsonl`` of ``trajguard bench attacks`` / ``attack``) as token
+    sequences, with where the span starts.
+
+    Records carrying ``prefill_ids`` and ``continuation_ids`` are taken token for token (an
+    optimised span rarely survives decode + encode); older ones are encoded from their text.
+    """
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     out = []
     for r in rows:
         prompt = encode_chat(lm.tokenizer, [{"role": "user", "content": r["prompt"]}]).prompt_ids
-        response = lm.tokenizer.encode(r["prefill"] + r["continuation"], add_special_tokens=False)
+        if "prefill_ids" in r and (r.get("continuation_ids") or not r["continuation"]):
+            response = list(r["prefill_ids"]) + list(r["continuation_ids"])
+        else:
+            text = r["prefill"] + r["continuation"]
+            response = lm.tokenizer.encode(text, add_special_tokens=False)
         out.append(
             {
+                "prompt": r["prompt"],
                 "prompt_ids": prompt,
                 "response_ids": response,
                 "span_start": int(r["meta"].get("p_eff", 0)),

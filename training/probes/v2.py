@@ -42,7 +42,11 @@ from training.common.prompts import AttackPrompt, load_attack_prompts
 from training.common.responses import harmful_responses
 from training.common.stats import Rate
 from training.probes.collect import harmful_trajectories
-from training.probes.evaluation import held_out_recall, load_held_out_attacks
+from training.probes.evaluation import (
+    attack_record_sequences,
+    held_out_recall,
+    load_held_out_attacks,
+)
 from training.probes.hard_negatives import fit_with_hard_negatives
 from training.probes.operating_point import choose_debounce, platt_rescale, response_peaks
 from training.probes.rwi import sweep_hooks
@@ -87,6 +91,10 @@ class ProbeV2Config:
         direct_tokens: Length of those answers.
         direct_min_tokens: Judged-harmful direct answers shorter than this are left out
             (the judge is unreliable on terse answers; applied after the cache).
+        adversarial_records: Attack ``records.jsonl`` files of an attacker who knew the
+            probe (``trajguard bench attacks --attacks probe_aware --split train``): their
+            judged-harmful cases join the fit as unsafe states from the span on (one round
+            of adversarial probe training, :func:`adversarial_trajectories`).
         ablation: Also fit one probe per unsafe recipe (and whole responses) under the
             same protocol (:func:`recipe_ablation`).
         writer: Writer of harmful responses.
@@ -112,6 +120,7 @@ class ProbeV2Config:
     direct_samples: int = 0
     direct_tokens: int = 128
     direct_min_tokens: int = 32
+    adversarial_records: list[str] = field(default_factory=list)
     ablation: bool = False
     writer: str | None = None
     judge: str | None = None
@@ -400,7 +409,54 @@ def collect_harmful(config: ProbeV2Config, lm: LoadedModel) -> dict[str, list[Tr
         direct = collect_direct(config, lm)
         sets["train"] = sets["train"] + direct["train"]
         sets["dev"] = sets["dev"] + direct["dev"]
+    if config.adversarial_records:
+        _, dev = _sampled_train_prompts(config)
+        sets["train"] = sets["train"] + adversarial_trajectories(
+            lm,
+            [Path(path) for path in config.adversarial_records],
+            train_prompts={
+                p.prompt for p in load_attack_prompts(split="train", data_dir=config.data_dir)
+            },
+            dev_prompts={p.prompt for p in dev},
+        )
     return sets
+
+
+def adversarial_trajectories(
+    lm: LoadedModel,
+    paths: Sequence[Path],
+    *,
+    train_prompts: set[str],
+    dev_prompts: set[str],
+) -> list[Trajectory]:
+    """Unsafe trajectories from attack records (recipe ``adversarial``).
+
+    Each judged-harmful case is safe before its span (the refusal prefix) and unsafe from
+    the span on: the optimised span and the harmful continuation it bought. Cases of dev
+    prompts are left out (dev chooses the operating point) and so are unsuccessful ones.
+
+    Raises:
+        ConfigError: A record's prompt is not in the train split (its states would leak
+            evaluation prompts into the fit).
+    """
+    out: list[Trajectory] = []
+    for path in paths:
+        for case in attack_record_sequences(lm, path):
+            if case["prompt"] not in train_prompts:
+                raise ConfigError(
+                    f"{path}: prompt {case['prompt'][:60]!r} is not a train-split prompt; "
+                    "adversarial states must come from `--split train` attack runs"
+                )
+            if not case["success"] or case["prompt"] in dev_prompts:
+                continue
+            start = min(case["span_start"], len(case["response_ids"]))
+            labels = [SAFE] * start + [UNSAFE] * (len(case["response_ids"]) - start)
+            meta = {"harmful": True, "prompt": case["prompt"], "source": str(path)}
+            out.append(
+                Trajectory(case["prompt_ids"], case["response_ids"], labels, "adversarial", meta)
+            )
+    logger.info("%d adversarial trajectories from %d record files", len(out), len(paths))
+    return out
 
 
 def _json_scalar(value: Any) -> Any:
@@ -618,12 +674,13 @@ def run_probe_v2(
         )
     probe.metadata_["evaluation"] = table
     probe.metadata_["training_data"] = {
-        "recipe": (
-            "probe v2: RWI + prefill + direct-compliance states vs own benign answers, "
-            "hard-negative rounds"
-            if config.direct_samples > 0
-            else "probe v2: RWI + prefill states vs own benign answers, hard-negative rounds"
-        ),
+        "recipe": "probe v2: "
+        + " + ".join(
+            ["RWI", "prefill"]
+            + (["direct-compliance"] if config.direct_samples > 0 else [])
+            + (["adversarial (probe-aware attack)"] if config.adversarial_records else [])
+        )
+        + " states vs own benign answers, hard-negative rounds",
         "rounds": mined.rounds,
         "n": report["n"],
     }

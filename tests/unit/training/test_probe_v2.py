@@ -328,3 +328,84 @@ def test_terse_judged_harmful_answers_are_left_out() -> None:
     assert kept[0].labels == [IGNORE] * 3 and not kept[0].meta["harmful"]
     assert kept[0].meta["dropped_short"] and short.meta["harmful"]  # the input is not changed
     assert kept[1] is long and kept[2] is refusal
+
+
+def _record(prompt: str, prefill_ids: list[int], continuation_ids: list[int], **extra) -> dict:
+    return {
+        "prompt": prompt,
+        "prefill": "",
+        "prefill_ids": prefill_ids,
+        "continuation": "x",
+        "continuation_ids": continuation_ids,
+        "cell": {"steps": 8},
+        "meta": {"p_eff": 2},
+        "success": True,
+    } | extra
+
+
+def test_adversarial_records_become_unsafe_states_from_the_span_on(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from training.probes.v2 import adversarial_trajectories
+
+    lm = load_model(str(tiny_model_dir))
+    rows = [
+        _record("train a", [11, 12, 13, 14], [15, 16]),  # refusal [11, 12] + span + continuation
+        _record("train b", [11, 12, 13], [15], success=False),  # recovered: not unsafe
+        _record("dev c", [11, 12, 13], [15]),  # a dev prompt: chooses the operating point
+    ]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = {"train a", "train b", "dev c"}
+    (t,) = adversarial_trajectories(lm, [path], train_prompts=train, dev_prompts={"dev c"})
+    assert t.response_ids == [11, 12, 13, 14, 15, 16]  # token for token, not re-encoded
+    assert t.labels == [SAFE, SAFE] + [UNSAFE] * 4
+    assert t.recipe == "adversarial" and t.meta["harmful"]
+    with pytest.raises(ConfigError, match="train-split"):
+        adversarial_trajectories(lm, [path], train_prompts={"train a"}, dev_prompts=set())
+
+
+def test_records_without_ids_are_encoded_from_their_text(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from training.probes.evaluation import attack_record_sequences
+
+    lm = load_model(str(tiny_model_dir))
+    old = _record("q", [], [], prefill="I can't. Sure", continuation=" step one")
+    del old["prefill_ids"], old["continuation_ids"]
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(old) + "\n")
+    (case,) = attack_record_sequences(lm, path)
+    ids = lm.tokenizer.encode("I can't. Sure step one", add_special_tokens=False)
+    assert case["response_ids"] == ids and case["span_start"] == 2 and case["success"]
+
+
+def test_adversarial_records_join_the_fit_set_of_a_run(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.attacks.judging as judging
+    import training.probes.v2 as v2
+    from training.common.prompts import load_attack_prompts
+
+    lm = load_model(str(tiny_model_dir))
+    made = {
+        "train": _trajectories(3, "rwi", UNSAFE, random.Random(0), harmful=True),
+        "dev": [],
+        "safe": [],
+    }
+    monkeypatch.setattr(judging, "load_or_fit_judge", lambda *a, **k: "judge")
+    monkeypatch.setattr(v2, "harmful_trajectories", lambda *a, **k: made)
+    config = ProbeV2Config(
+        model=str(tiny_model_dir), out=str(tmp_path / "v2"), n_train_prompts=4, n_dev_prompts=2
+    )
+    dev = {p.prompt for p in v2._sampled_train_prompts(config)[1]}
+    prompt = next(p.prompt for p in load_attack_prompts(split="train") if p.prompt not in dev)
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(_record(prompt, [11, 12, 13], [14])) + "\n")
+    config.adversarial_records = [str(path)]
+    sets = v2.collect_harmful(config, lm)
+    assert [t.recipe for t in sets["train"]] == ["rwi"] * 3 + ["adversarial"]
+    held_out = next(iter(load_attack_prompts(split="test"))).prompt
+    path.write_text(json.dumps(_record(held_out, [11, 12, 13], [14])) + "\n")
+    with pytest.raises(ConfigError, match="train-split"):
+        v2.collect_harmful(config, lm)
