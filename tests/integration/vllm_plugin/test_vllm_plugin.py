@@ -54,15 +54,17 @@ def mean_logit_error(scores: dict[int, dict], reference: list[float], n_prompt: 
     return sum(abs(logit(s) - logit(reference[n_prompt + i])) for i, s in got) / len(got)
 
 
-def pick_trigger(scores: list[float]) -> tuple[int, float]:
+def pick_trigger(scores: list[float]) -> tuple[int, float] | None:
     """The token whose score rises most above every earlier one, and a threshold halfway.
 
     Works for any probe: the threshold comes from the measured scores, in logit space, so
-    the monitor first fires exactly at the returned index.
+    the monitor first fires exactly at the returned index. ``None`` when no later token
+    rises 0.2 logits above all earlier ones (e.g. the first token scores highest).
     """
     logits = [logit(s) for s in scores]
     gap, index = max((logits[i] - max(logits[:i]), i) for i in range(1, len(logits)))
-    assert gap > 0.2, f"no score rises above the earlier ones: {scores}"
+    if gap <= 0.2:
+        return None
     threshold = 1 / (1 + math.exp(-(logits[index] - gap / 2)))
     return index, threshold
 
@@ -292,11 +294,17 @@ def test_proxy_fast_path_rolls_back_on_a_real_trigger(engines, default_lm, probe
     """A real (unforced) score crosses the proxy's threshold, derived from measured scores."""
     server = engines.plugin()
     recovery = "I'm sorry, but I can't help with that."
-    prompt = encode_chat(default_lm.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
-    xargs = {"trajguard": "observe", "trajguard_id": "real"}
-    server.complete(prompt.prompt_ids, 24, ignore_eos=True, xargs=xargs)
-    events = engines.log.wait("real", range(23))
-    hot, threshold = pick_trigger([events[i]["s"] for i in range(23)])
+    measured = []  # which prompt's trajectory has a mid-answer rise depends on the CPU's kernels
+    for i, text in enumerate(PROMPTS):
+        prompt = encode_chat(default_lm.tokenizer, [{"role": "user", "content": text}])
+        xargs = {"trajguard": "observe", "trajguard_id": f"real{i}"}
+        server.complete(prompt.prompt_ids, 24, ignore_eos=True, xargs=xargs)
+        events = engines.log.wait(f"real{i}", range(23))
+        measured.append([events[j]["s"] for j in range(23)])
+        if (trigger := pick_trigger(measured[-1])) is not None:
+            break
+    assert trigger is not None, f"no score rises above the earlier ones: {measured}"
+    hot, threshold = trigger
     config = GuardConfig(
         # One hot step fires (the shipped probe's calibrated rule is an EMA).
         monitor=MonitorConfig(threshold=threshold, debounce="k_of_n"),
