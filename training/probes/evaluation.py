@@ -67,8 +67,9 @@ def attack_record_sequences(lm: LoadedModel, path: Path) -> list[dict[str, Any]]
     out = []
     for r in rows:
         prompt = encode_chat(lm.tokenizer, [{"role": "user", "content": r["prompt"]}]).prompt_ids
-        if "prefill_ids" in r and (r.get("continuation_ids") or not r["continuation"]):
-            response = list(r["prefill_ids"]) + list(r["continuation_ids"])
+        continuation_ids = r.get("continuation_ids") or []
+        if "prefill_ids" in r and (continuation_ids or not r["continuation"]):
+            response = list(r["prefill_ids"]) + list(continuation_ids)
         else:
             text = r["prefill"] + r["continuation"]
             response = lm.tokenizer.encode(text, add_special_tokens=False)
