@@ -8,7 +8,9 @@ own KV cache (:class:`ShadowSession`). A rollback is a cache crop.
 :meth:`ShadowScorer.feed_batch` feeds several sessions in **one** forward pass: their
 caches are stacked right-aligned (left padding, masked out) for that pass only, and each
 session keeps its own cache afterwards, so sessions join, leave and roll back
-independently. Scores equal one-session feeds up to float rounding.
+independently. Sessions may feed different numbers of tokens (shorter feeds are padded
+on the right: causal attention keeps the padding out of every real token's state).
+Scores equal one-session feeds up to float rounding.
 """
 
 from __future__ import annotations
@@ -166,31 +168,39 @@ class ShadowScorer:
 
         Args:
             sessions: distinct sessions of this scorer.
-            token_ids: the same number of new tokens for each session.
+            token_ids: the new tokens of each session (counts may differ; the pass costs
+                as many positions per row as the longest feed).
 
         Returns:
             P(unsafe) of each new token's state at the probed layer, per session.
 
         Raises:
-            ValueError: unequal token counts, or a session twice.
+            ValueError: not one token list per session, or a session twice.
         """
-        n = len(token_ids[0]) if token_ids else 0
-        if len(sessions) != len(token_ids) or any(len(t) != n for t in token_ids):
-            raise ValueError("feed_batch needs one token list per session, all the same length")
+        if len(sessions) != len(token_ids):
+            raise ValueError("feed_batch needs one token list per session")
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("feed_batch got the same session twice")
-        if n == 0:
-            return [[] for _ in sessions]
+        fed = [i for i, tokens in enumerate(token_ids) if tokens]
+        out: list[list[float]] = [[] for _ in sessions]
+        if not fed:
+            return out
         with self._lock:
-            return self._forward([s._kv for s in sessions], token_ids, n)
+            scores = self._forward([sessions[i]._kv for i in fed], [token_ids[i] for i in fed])
+        for i, row_scores in zip(fed, scores):
+            out[i] = row_scores
+        return out
 
     def _forward(
-        self, rows: list[_RowCache], token_ids: Sequence[Sequence[int]], n: int
+        self, rows: list[_RowCache], token_ids: Sequence[Sequence[int]]
     ) -> list[list[float]]:
-        """One forward pass of ``n`` new tokens per row; the rows keep their new positions."""
+        """One forward pass of each row's new tokens; the rows keep their new positions."""
+        counts = [len(tokens) for tokens in token_ids]
+        n = max(counts)
         lengths = [row.length for row in rows]
         slots = max(lengths)
-        ids = torch.tensor(token_ids, device=self.device)  # [batch, n]
+        padded = [list(tokens) + [tokens[-1]] * (n - len(tokens)) for tokens in token_ids]
+        ids = torch.tensor(padded, device=self.device)  # [batch, n], ragged rows right-padded
         positions = torch.tensor(lengths, device=self.device).unsqueeze(1) + torch.arange(
             n, device=self.device
         )  # [batch, n]
@@ -198,7 +208,8 @@ class ShadowScorer:
         for i, length in enumerate(lengths):
             mask[i, : slots - length] = 0  # left padding
         layers = [
-            _PassLayer(rows, layer, slots, n, self._workspace) for layer in range(self._n_layers)
+            _PassLayer(rows, layer, slots, counts, self._workspace)
+            for layer in range(self._n_layers)
         ]
         with HiddenStateCapture(self.model, self.hook_name) as capture:
             # The base model only: no LM head, and nothing runs past the probed layer.
@@ -213,9 +224,9 @@ class ShadowScorer:
         scores = self.probe.score_tensor(states.reshape(-1, states.shape[-1]))
         for layer in layers:
             layer.keep_new_tokens()
-        for row in rows:
-            row.length += n
-        return scores.reshape(len(rows), n).tolist()
+        for row, count in zip(rows, counts):
+            row.length += count
+        return [row[:count] for row, count in zip(scores.reshape(len(rows), n).tolist(), counts)]
 
 
 class _RowCache:
@@ -279,15 +290,22 @@ class _PassLayer(DynamicLayer):
     Before the pass it holds the rows' pasts, stacked right-aligned into
     ``[batch, kv_heads, slots, head_dim]`` in the scorer's reused workspace (a single row:
     a view of its own buffer, no copy);
-    the layer's forward appends the ``n`` new positions, which :meth:`keep_new_tokens`
-    then hands back to each row's own cache.
+    the layer's forward appends the ``n`` new positions (the longest feed), of which
+    :meth:`keep_new_tokens` hands each row's own count back to its cache.
     """
 
     def __init__(
-        self, rows: list[_RowCache], layer: int, slots: int, n: int, workspace: _Workspace
+        self,
+        rows: list[_RowCache],
+        layer: int,
+        slots: int,
+        counts: list[int],
+        workspace: _Workspace,
     ) -> None:
         super().__init__()
-        self._rows, self._layer, self._slots, self._n = rows, layer, slots, n
+        self._rows, self._layer, self._slots = rows, layer, slots
+        self._counts, self._n = counts, max(counts)
+        n = self._n
         self._in_place = len(rows) == 1 and slots > 0
         if slots == 0:  # every row is new: nothing to attend to yet
             return
@@ -333,11 +351,11 @@ class _PassLayer(DynamicLayer):
         if self._in_place:
             return
         new_keys, new_values = self.keys[:, :, -self._n :], self.values[:, :, -self._n :]
-        for i, row in enumerate(self._rows):
-            row.reserve(self._layer, new_keys, self._n)
-            end = row.length + self._n
-            row.keys[self._layer][:, :, row.length : end] = new_keys[i : i + 1]
-            row.values[self._layer][:, :, row.length : end] = new_values[i : i + 1]
+        for i, (row, count) in enumerate(zip(self._rows, self._counts)):
+            row.reserve(self._layer, new_keys, count)
+            end = row.length + count
+            row.keys[self._layer][:, :, row.length : end] = new_keys[i : i + 1, :, :count]
+            row.values[self._layer][:, :, row.length : end] = new_values[i : i + 1, :, :count]
 
 
 class ShadowSession:

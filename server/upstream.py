@@ -12,6 +12,8 @@ the HTTP passes and their transport; the guard's rules are the request's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -341,14 +343,14 @@ class UpstreamVLLMEngine(GuardEngine):
         # connection checked out of the pool (it leaked, and the pool ran dry under load).
         final: tuple[RequestOutput | None, Recovery | None] | None = None
         try:
-            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+            async with (
+                self._client.stream("POST", "/v1/completions", json=body) as response,
+                contextlib.aclosing(_read_ahead(_choices(response), scores)) as choices,
+            ):
                 await _check_status(response)
-                async for line in response.aiter_lines():
+                async for choice in choices:
                     if request.request_id in self._aborted:
                         return
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    choice = json.loads(line[6:])["choices"][0]
                     tokens = choice.get("token_ids") or []
                     reason = choice.get("finish_reason")
                     for k, token in enumerate(tokens):
@@ -389,6 +391,48 @@ class UpstreamVLLMEngine(GuardEngine):
         if request.finished:  # EOS
             return None
         return request.observe(await scores.score(token, index))
+
+
+async def _choices(response: httpx.Response) -> AsyncIterator[dict]:
+    """The choice of each event of a streamed upstream completion."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])["choices"][0]
+
+
+_END = object()
+
+
+async def _read_ahead(choices: AsyncIterator[dict], scores: TokenScores | None) -> AsyncIterator:
+    """``choices`` as they come, read by a task of their own that announces each one's
+    tokens to ``scores`` (:meth:`TokenScores.ahead`) on arrival, while the request may
+    still be waiting for an earlier token's score."""
+    if scores is None or not scores.reads_ahead:
+        async for choice in choices:
+            yield choice
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for choice in choices:
+                scores.ahead(list(choice.get("token_ids") or []))
+                queue.put_nowait(choice)
+        except Exception as exc:  # noqa: BLE001 - raised where the choices are consumed
+            queue.put_nowait(exc)
+        else:
+            queue.put_nowait(_END)
+
+    task = asyncio.create_task(pump(), name="trajguard-upstream-reader")
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _check_status(response: httpx.Response) -> None:

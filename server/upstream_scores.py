@@ -5,7 +5,10 @@ Each request of :class:`server.upstream.UpstreamVLLMEngine` holds one :class:`To
 - :class:`ShadowScores`: a copy of the model truncated after the probed layer
   (:class:`guard.shadow.ShadowScorer`) scores each arriving token with its own KV cache.
   One :class:`ShadowBatcher` per engine scores the tokens of all live requests that
-  arrive within a few milliseconds of each other in one batched forward.
+  arrive within a few milliseconds of each other in one batched forward. Tokens are
+  handed to it as soon as they arrive from the upstream (:meth:`TokenScores.ahead`), not
+  when the request reaches them, so a scorer that falls behind catches up with several
+  tokens per request in one forward instead of one forward per token.
 - :class:`PluginScores` (fast path): the upstream runs the trajguard vLLM plugin with the
   same probe, so every token's score arrives on its event stream. Each upstream pass runs in
   ``observe`` mode under its own key; the score of output token ``i`` arrives while the
@@ -44,6 +47,8 @@ Score = float | None
 BATCH_WINDOW_S = 0.005
 #: Most sessions per batched shadow forward.
 MAX_BATCH = 32
+#: Most tokens of one session per batched shadow forward (a lagging session's backlog).
+MAX_CHUNK = 16
 #: Sends one non-streamed upstream completion of a prompt, with the ``vllm_xargs`` given.
 ForcedPass = Callable[[list[int], dict], Awaitable[None]]
 
@@ -55,6 +60,8 @@ class TokenScores(ABC):
     extra_tokens: int = 0
     #: Whether the final token of a finished upstream pass is scored.
     scores_final_token: bool = True
+    #: Whether :meth:`ahead` is used (the upstream stream is then read by a task of its own).
+    reads_ahead: bool = False
 
     @abstractmethod
     async def context(
@@ -72,6 +79,13 @@ class TokenScores(ABC):
 
     def close_pass(self) -> None:
         """The pass ended."""
+
+    def ahead(self, token_ids: list[int]) -> None:
+        """The next tokens of the open pass arrived from the upstream; their scores will
+        be asked for in order, unless the pass ends first (e.g. the guard fires).
+
+        A hint: a source may start scoring them early, or ignore it.
+        """
 
     @abstractmethod
     async def score(self, token: int, index: int) -> Score:
@@ -98,19 +112,35 @@ class _Feed:
     future: asyncio.Future
 
 
+@dataclass(eq=False, slots=True)
+class _Row:
+    """One session's consecutive feeds, scored as one row of a batched forward."""
+
+    session: ShadowSession
+    feeds: list[_Feed]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [token for feed in self.feeds for token in feed.token_ids]
+
+
 class ShadowBatcher:
     """One scoring loop for the shadow sessions of all live upstream streams.
 
     Feeds that arrive within ``window_s`` of the first waiting one are scored in one
     batched forward (:meth:`guard.shadow.ShadowScorer.feed_batch`, each session with its
     own KV cache). The loop stops waiting as soon as every open session has a feed
-    waiting, so a lone stream is never delayed. Forwards run one at a time, off the event
-    loop; single tokens go first, longer feeds (prompts, recovery text) after them.
+    waiting, so a lone stream is never delayed. A session's consecutive waiting feeds are
+    joined into one row of up to ``max_chunk`` tokens, so a scorer that lags behind the
+    upstream scores each stream's backlog in one pass. Forwards run one at a time, off the
+    event loop; rows of up to ``max_chunk`` tokens go first, longer feeds (prompts,
+    recovery text) after them.
 
     Args:
         scorer: the shadow scorer.
         window_s: longest wait for more feeds once one is waiting.
         max_batch: most sessions per forward.
+        max_chunk: most tokens of one session's joined feeds per forward.
     """
 
     def __init__(
@@ -119,13 +149,16 @@ class ShadowBatcher:
         *,
         window_s: float = BATCH_WINDOW_S,
         max_batch: int = MAX_BATCH,
+        max_chunk: int = MAX_CHUNK,
     ) -> None:
         self._scorer = scorer
         self._window_s = window_s
         self._max_batch = max_batch
+        self._max_chunk = max_chunk
         self._open = 0
         self._pending: list[_Feed] = []
         self._arrived: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None  # set while no forward runs
         self._task: asyncio.Task | None = None
 
     def open_session(self) -> ShadowSession:
@@ -139,19 +172,23 @@ class ShadowBatcher:
         if self._arrived is not None:
             self._arrived.set()  # the feeds waiting may now be all there will be
 
-    async def feed(self, session: ShadowSession, token_ids: list[int]) -> list[float]:
-        """Scores of ``token_ids`` fed to ``session``, from the next batched forward.
+    def submit(self, session: ShadowSession, token_ids: list[int]) -> asyncio.Future:
+        """Queue ``token_ids`` for ``session`` (after its earlier feeds); the future of
+        their scores.
 
-        Raises:
-            Exception: what scoring raised for this session.
-            ConnectionError: the loop was stopped.
+        The future raises what scoring raised for this session, or
+        :class:`ConnectionError` if the loop was stopped.
         """
         loop = asyncio.get_running_loop()
         self._start(loop)
         future = loop.create_future()
         self._pending.append(_Feed(session, token_ids, future))
         self._arrived.set()
-        return await future
+        return future
+
+    async def feed(self, session: ShadowSession, token_ids: list[int]) -> list[float]:
+        """Scores of ``token_ids`` fed to ``session``, from the next batched forward."""
+        return await self.submit(session, token_ids)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
@@ -161,7 +198,14 @@ class ShadowBatcher:
         self._fail(stale, ConnectionError("the shadow scoring loop stopped"))
         self._pending = []
         self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._task = loop.create_task(self._run(), name="trajguard-shadow-batcher")
+
+    async def between_forwards(self) -> None:
+        """Return once no forward is running (feeds cancelled before that stay unfed)."""
+        if self._idle is not None and self._task is not None and not self._task.done():
+            await self._idle.wait()
 
     async def close(self) -> None:
         """Stop the loop; feeds still waiting fail with :class:`ConnectionError`."""
@@ -188,7 +232,7 @@ class ShadowBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = loop.time() + self._window_s
-            while len(self._pending) < min(self._open, self._max_batch):
+            while self._waiting_sessions() < min(self._open, self._max_batch):
                 self._arrived.clear()
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -198,44 +242,66 @@ class ShadowBatcher:
             batch = self._take()
             if not batch:  # every waiting request went away
                 continue
+            self._idle.clear()
             try:
                 outcomes = await asyncio.to_thread(self._score, batch)
             except BaseException:
                 self._fail(batch, ConnectionError("the shadow scorer stopped"))
                 raise
-            for feed, outcome in zip(batch, outcomes):
-                if feed.future.done():  # the request went away meanwhile
-                    continue
-                if isinstance(outcome, BaseException):
-                    feed.future.set_exception(outcome)
-                else:
-                    feed.future.set_result(outcome)
+            finally:
+                self._idle.set()
+            for row, outcome in zip(batch, outcomes):
+                offset = 0
+                for feed in row.feeds:
+                    n, offset = len(feed.token_ids), offset + len(feed.token_ids)
+                    if feed.future.done():  # the request went away meanwhile
+                        continue
+                    if isinstance(outcome, BaseException):
+                        feed.future.set_exception(outcome)
+                    else:
+                        feed.future.set_result(outcome[offset - n : offset])
 
-    def _take(self) -> list[_Feed]:
-        """The next batch: up to ``max_batch`` waiting feeds, one per session."""
-        batch, rest, sessions = [], [], set()
+    def _waiting_sessions(self) -> int:
+        return len({id(feed.session) for feed in self._pending})
+
+    def _take(self) -> list[_Row]:
+        """The next batch: up to ``max_batch`` sessions, each with its waiting feeds in
+        order (as many as fit in ``max_chunk`` tokens; at least the first)."""
+        rows: dict[int, _Row] = {}
+        closed: set[int] = set()  # sessions whose next feed waits for a later batch
+        rest = []
         for feed in self._pending:
             if feed.future.done():  # cancelled: its request went away
                 continue
-            if len(batch) < self._max_batch and id(feed.session) not in sessions:
-                batch.append(feed)
-                sessions.add(id(feed.session))
+            key = id(feed.session)
+            row = rows.get(key)
+            if row is None and key not in closed and len(rows) < self._max_batch:
+                rows[key] = _Row(feed.session, [feed])
+            elif (
+                row is not None
+                and key not in closed
+                and len(row.token_ids) + len(feed.token_ids) <= self._max_chunk
+            ):
+                row.feeds.append(feed)
             else:
+                closed.add(key)
                 rest.append(feed)
         self._pending = rest
-        return batch
+        return list(rows.values())
 
-    def _score(self, batch: list[_Feed]) -> list[list[float] | Exception]:
-        """Run the forwards of one batch (worker thread): one per token count."""
+    def _score(self, batch: list[_Row]) -> list[list[float] | Exception]:
+        """Run the forwards of one batch (worker thread): one for all rows of up to
+        ``max_chunk`` tokens, then one per token count of the longer ones."""
         outcomes: list[list[float] | Exception] = [[] for _ in batch]
+        tokens = [row.token_ids for row in batch]
         groups: dict[int, list[int]] = {}
-        for i, feed in enumerate(batch):
-            groups.setdefault(len(feed.token_ids), []).append(i)
+        for i, ids in enumerate(tokens):  # key 0: the short rows, together
+            groups.setdefault(0 if len(ids) <= self._max_chunk else len(ids), []).append(i)
         for _, rows in sorted(groups.items()):
             if len(rows) > 1:
                 try:
                     scores = self._scorer.feed_batch(
-                        [batch[i].session for i in rows], [batch[i].token_ids for i in rows]
+                        [batch[i].session for i in rows], [tokens[i] for i in rows]
                     )
                 except Exception:
                     logger.exception("batched shadow scoring failed; scoring rows alone")
@@ -245,7 +311,7 @@ class ShadowBatcher:
                     continue
             for i in rows:  # alone, so that a bad row fails only its own request
                 try:
-                    outcomes[i] = batch[i].session.feed(batch[i].token_ids)
+                    outcomes[i] = batch[i].session.feed(tokens[i])
                 except Exception as exc:  # noqa: BLE001 - handed to its request
                     outcomes[i] = exc
         return outcomes
@@ -259,28 +325,82 @@ class ShadowBatcher:
 
 class ShadowScores(TokenScores):
     """Scores from the local shadow model (one incremental session per request), fed
-    through the shared :class:`ShadowBatcher`."""
+    through the shared :class:`ShadowBatcher`.
+
+    Tokens announced by :meth:`ahead` are fed at once. Those the request never reached
+    (its pass ended first) are cancelled if still waiting, and taken back from the
+    session's cache (they are its last tokens) before it is fed again; no token is fed
+    ahead until they are.
+    """
+
+    reads_ahead = True
 
     def __init__(self, batcher: ShadowBatcher) -> None:
         self._batcher = batcher
         self._session: ShadowSession | None = batcher.open_session()
+        self._length = 0  # tokens of the session the request has reached
+        self._next_index = 0  # response index of the next token announced ahead
+        self._ahead: dict[int, tuple[int, asyncio.Future]] = {}  # index -> token, scores
+        self._unused: list[asyncio.Future] = []  # fed ahead, never reached
 
     async def _feed(self, token_ids: list[int]) -> list[Score]:
+        await self._settle()
+        self._length += len(token_ids)
+        return await self._scores(self._batcher.submit(self._session, token_ids), len(token_ids))
+
+    @staticmethod
+    async def _scores(future: asyncio.Future, n: int) -> list[Score]:
         try:
-            return await self._batcher.feed(self._session, token_ids)
+            return await future
         except Exception:
             logger.exception("shadow scoring failed")
-            return [None] * len(token_ids)
+            return [None] * n
+
+    def _retire_ahead(self) -> None:
+        self._unused += [future for _, future in self._ahead.values()]
+        self._ahead.clear()
+
+    async def _settle(self) -> None:
+        """Take back the tokens fed ahead that the request never reached."""
+        self._retire_ahead()
+        if not self._unused:
+            return
+        for future in self._unused:
+            future.cancel()  # a feed not yet in a forward is dropped
+        self._unused = []
+        await self._batcher.between_forwards()  # one already in a forward has entered
+        if self._session.length > self._length:
+            self._session.rewind(self._session.length - self._length)
 
     async def context(self, prompt_ids, prefill_ids, history_spans, forced_pass):
         scores = await self._feed(prompt_ids + prefill_ids)
         return scores[len(prompt_ids) :], [scores[a:b] for a, b in history_spans]
 
+    def open_pass(self, first_index: int) -> None:
+        self._retire_ahead()
+        self._next_index = first_index
+        return None
+
+    def ahead(self, token_ids: list[int]) -> None:
+        if self._session is None or self._unused:
+            return  # tokens still to take back: this pass's tokens are fed when reached
+        for token in token_ids:
+            self._ahead[self._next_index] = (token, self._batcher.submit(self._session, [token]))
+            self._next_index += 1
+
     async def score(self, token: int, index: int) -> Score:
-        (score,) = await self._feed([token])
+        fed = self._ahead.get(index)
+        if fed is None or fed[0] != token:
+            (score,) = await self._feed([token])
+            return score
+        del self._ahead[index]
+        self._length += 1
+        (score,) = await self._scores(fed[1], 1)
         return score
 
     async def rewind(self, n_tokens: int) -> None:
+        await self._settle()
+        self._length -= n_tokens
         self._session.rewind(n_tokens)
 
     async def injected(self, token_ids: tuple[int, ...]) -> list[Score]:
@@ -289,6 +409,10 @@ class ShadowScores(TokenScores):
     def close(self) -> None:
         if self._session is not None:
             self._session = None
+            self._retire_ahead()
+            for future in self._unused:
+                future.cancel()
+            self._unused.clear()
             self._batcher.close_session()
 
 

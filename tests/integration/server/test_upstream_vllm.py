@@ -119,8 +119,14 @@ def test_quiet_guard_passes_vllm_tokens_through(vllm_url, default_lm):
 def test_trigger_rolls_back_and_continues_upstream(vllm_url, default_lm):
     base = LinearProbe.load(default_probe_dir())
 
-    def script(call, n):  # call 0 scores the prompt; the 6th generated token fires
-        return [0.99 if call == 6 else 0.0] * n
+    scored = 0
+
+    def script(call, n):  # call 0 scores the prompt; the 6th generated token scored fires
+        nonlocal scored  # (tokens read ahead of the request may share a call)
+        if call == 0:
+            return [0.0] * n
+        first, scored = scored, scored + n
+        return [0.99 if first + k == 5 else 0.0 for k in range(n)]
 
     probe = ScriptedProbe(base, script)
     recovery = "I'm sorry, but I can't help with that."

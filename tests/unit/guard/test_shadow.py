@@ -105,12 +105,34 @@ def test_batched_feeds_equal_unbatched_sessions(tiny_tokenizer, model_type):
     assert_scores_close(got[0], full_model_scores(model, probe, seq0))
 
 
-def test_feed_batch_rejects_unequal_or_repeated_feeds(tiny_tokenizer):
+def test_ragged_batched_feeds_equal_unbatched_sessions(tiny_tokenizer):
+    """Sessions feeding different numbers of tokens in one pass (a lagging stream's backlog
+    next to single tokens, an empty feed, a new session) score as each fed alone."""
+    model = build_tiny_model("llama", len(tiny_tokenizer), n_layers=3)
+    probe = fitted_probe(32, hook="blocks.-2.hook_resid_post")
+    scorer = ShadowScorer.from_model(model, probe)
+    prompts = [tiny_tokenizer.encode(t) for t in ("Sure, here is", "I'm sorry, no", "Hi")]
+    batched = [scorer.session() for _ in range(4)]
+    alone = [scorer.session() for _ in range(4)]
+    rounds = [
+        prompts + [[]],
+        [[11, 12, 13, 14, 15], [16], [], tiny_tokenizer.encode("A new one")],
+        [[17], [18, 19, 20], [21, 22], [23]],
+    ]
+    for feeds in rounds:
+        outs = scorer.feed_batch(batched, feeds)
+        for session, tokens, out in zip(alone, feeds, outs, strict=True):
+            assert len(out) == len(tokens)
+            assert_scores_close(out, session.feed(tokens) if tokens else [], atol=2e-6, rtol=0)
+    assert [s.length for s in batched] == [s.length for s in alone]
+
+
+def test_feed_batch_rejects_repeated_or_missing_feeds(tiny_tokenizer):
     model = build_tiny_model("llama", len(tiny_tokenizer), n_layers=2)
     scorer = ShadowScorer.from_model(model, fitted_probe(32, hook="blocks.-1.hook_resid_post"))
     a, b = scorer.session(), scorer.session()
-    with pytest.raises(ValueError, match="same length"):
-        scorer.feed_batch([a, b], [[10], [10, 11]])
+    with pytest.raises(ValueError, match="one token list per session"):
+        scorer.feed_batch([a, b], [[10]])
     with pytest.raises(ValueError, match="twice"):
         scorer.feed_batch([a, a], [[10], [11]])
     with pytest.raises(ValueError, match="rewind"):

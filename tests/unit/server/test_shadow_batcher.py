@@ -14,7 +14,7 @@ from guard.chat import EncodedPrompt
 from guard.shadow import ShadowScorer
 from server.engine import GuardOptions
 from server.upstream import UpstreamVLLMEngine
-from server.upstream_scores import ShadowBatcher
+from server.upstream_scores import ShadowBatcher, ShadowScores
 from tests.conftest import build_tiny_model
 from tests.helpers import fitted_probe
 from tests.scripted_upstream import ScriptedUpstream
@@ -105,6 +105,29 @@ def test_concurrent_streams_are_batched_and_score_as_one_at_a_time(tiny_tokenize
         tokens, reason, interventions, scores = summary(batched)
         assert (tokens, reason, interventions) == summary(alone)[:3]
         assert scores == pytest.approx(summary(alone)[3], abs=2e-6, nan_ok=True)
+
+
+def test_tokens_read_ahead_score_as_tokens_fed_when_reached(tiny_tokenizer, scorer, monkeypatch):
+    """Upstream tokens are fed to the shadow as they arrive, so a request's backlog goes in
+    one pass (several tokens per row, far fewer forwards); with rollbacks in between
+    (tokens fed ahead that the request never reached are taken back), every output equals
+    feeding each token only when the request reaches it."""
+    quiet = run(engine_for(tiny_tokenizer, scorer, 1 - 1e-9), PROMPTS, concurrent=False)
+    threshold = firing_threshold([s for out in quiet for s in out[-1].summary.scores])
+    monkeypatch.setattr(ShadowScores, "reads_ahead", False)
+    forwards_when_reached = record_batch_sizes(scorer)
+    when_reached = run(engine_for(tiny_tokenizer, scorer, threshold), PROMPTS, concurrent=True)
+    monkeypatch.setattr(ShadowScores, "reads_ahead", True)
+    del scorer.feed_batch
+    forwards_read_ahead = record_batch_sizes(scorer)
+    read_ahead = run(engine_for(tiny_tokenizer, scorer, threshold), PROMPTS, concurrent=True)
+
+    assert len(forwards_read_ahead) * 2 <= len(forwards_when_reached)
+    assert any(out[-1].summary.interventions for out in when_reached)  # a rollback ran
+    for reached, ahead in zip(when_reached, read_ahead, strict=True):
+        tokens, reason, interventions, scores = summary(ahead)
+        assert (tokens, reason, interventions) == summary(reached)[:3]
+        assert scores == pytest.approx(summary(reached)[3], abs=2e-6, nan_ok=True)
 
 
 def test_a_lone_stream_does_not_wait_for_the_window(scorer):
