@@ -303,9 +303,8 @@ class _PassLayer(DynamicLayer):
         workspace: _Workspace,
     ) -> None:
         super().__init__()
-        self._rows, self._layer, self._slots = rows, layer, slots
-        self._counts, self._n = counts, max(counts)
-        n = self._n
+        self._rows, self._layer, self._slots, self._counts = rows, layer, slots, counts
+        self._n = n = max(counts)
         self._in_place = len(rows) == 1 and slots > 0
         if slots == 0:  # every row is new: nothing to attend to yet
             return

@@ -251,15 +251,15 @@ class ShadowBatcher:
             finally:
                 self._idle.set()
             for row, outcome in zip(batch, outcomes):
-                offset = 0
+                end = 0
                 for feed in row.feeds:
-                    n, offset = len(feed.token_ids), offset + len(feed.token_ids)
+                    start, end = end, end + len(feed.token_ids)
                     if feed.future.done():  # the request went away meanwhile
                         continue
                     if isinstance(outcome, BaseException):
                         feed.future.set_exception(outcome)
                     else:
-                        feed.future.set_result(outcome[offset - n : offset])
+                        feed.future.set_result(outcome[start:end])
 
     def _waiting_sessions(self) -> int:
         return len({id(feed.session) for feed in self._pending})
@@ -360,14 +360,19 @@ class ShadowScores(TokenScores):
         self._unused += [future for _, future in self._ahead.values()]
         self._ahead.clear()
 
+    def _cancel_unused(self) -> bool:
+        """Cancel the feeds of tokens never reached (one not yet in a forward is dropped);
+        whether there were any."""
+        self._retire_ahead()
+        unused, self._unused = self._unused, []
+        for future in unused:
+            future.cancel()
+        return bool(unused)
+
     async def _settle(self) -> None:
         """Take back the tokens fed ahead that the request never reached."""
-        self._retire_ahead()
-        if not self._unused:
+        if not self._cancel_unused():
             return
-        for future in self._unused:
-            future.cancel()  # a feed not yet in a forward is dropped
-        self._unused = []
         await self._batcher.between_forwards()  # one already in a forward has entered
         if self._session.length > self._length:
             self._session.rewind(self._session.length - self._length)
@@ -409,10 +414,7 @@ class ShadowScores(TokenScores):
     def close(self) -> None:
         if self._session is not None:
             self._session = None
-            self._retire_ahead()
-            for future in self._unused:
-                future.cancel()
-            self._unused.clear()
+            self._cancel_unused()
             self._batcher.close_session()
 
 

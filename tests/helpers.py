@@ -37,6 +37,29 @@ def fitted_probe(
     return probe
 
 
+def per_token_script(
+    token_score: Callable[[int], float | Exception], prompt_score: float = 0.0
+) -> Callable[[int, int], list[float]]:
+    """A ``script(call, n_rows)`` for :class:`ScriptedProbe` or a scripted shadow scorer,
+    keyed by token position rather than by call: call 0 (the prompt feed) scores
+    ``prompt_score``; later calls score ``token_score(k)`` for the ``k``-th token scored
+    after it (tokens read ahead of the request may share a call). A call holding a token
+    whose score is an exception raises it."""
+    scored = 0
+
+    def script(call: int, n: int) -> list[float]:
+        nonlocal scored
+        if call == 0:
+            return [prompt_score] * n
+        scores = [token_score(k) for k in range(scored, scored + n)]
+        scored += n
+        if error := next((x for x in scores if isinstance(x, Exception)), None):
+            raise error
+        return scores
+
+    return script
+
+
 class ScriptedProbe(LinearProbe):
     """A probe whose scores come from a script ``f(call_index, n_rows) -> list[float]``.
 

@@ -28,7 +28,7 @@ from guard.shadow import ShadowScorer
 from guard.vllm.launch import VLLMServer
 from server.engine import GuardOptions
 from server.upstream import UpstreamVLLMEngine
-from tests.helpers import ScriptedProbe, require_vllm
+from tests.helpers import ScriptedProbe, per_token_script, require_vllm
 from training.probes.states import token_states
 
 pytestmark = pytest.mark.vllm
@@ -119,16 +119,8 @@ def test_quiet_guard_passes_vllm_tokens_through(vllm_url, default_lm):
 def test_trigger_rolls_back_and_continues_upstream(vllm_url, default_lm):
     base = LinearProbe.load(default_probe_dir())
 
-    scored = 0
-
-    def script(call, n):  # call 0 scores the prompt; the 6th generated token scored fires
-        nonlocal scored  # (tokens read ahead of the request may share a call)
-        if call == 0:
-            return [0.0] * n
-        first, scored = scored, scored + n
-        return [0.99 if first + k == 5 else 0.0 for k in range(n)]
-
-    probe = ScriptedProbe(base, script)
+    # The 6th generated token scored fires.
+    probe = ScriptedProbe(base, per_token_script(lambda k: 0.99 if k == 5 else 0.0))
     recovery = "I'm sorry, but I can't help with that."
     config = GuardConfig(
         monitor=MonitorConfig(debounce="k_of_n"),  # one hot step fires (the probe's rule: EMA)

@@ -19,7 +19,7 @@ from guard.chat import EncodedPrompt, closed_assistant_spans, encode_chat
 from guard.vllm.channel import EventPublisher, probe_digest
 from server.engine import GuardOptions
 from server.upstream import UpstreamVLLMEngine
-from tests.helpers import fitted_probe
+from tests.helpers import fitted_probe, per_token_script
 from tests.scripted_upstream import ScriptedScorer, ScriptedUpstream
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -67,19 +67,7 @@ def shadow_engine(tokenizer, script, config=None):
 def failing_after(n_ok: int, bad):
     """Scores 0.1 for the prompt feed and the first ``n_ok`` generated tokens, then ``bad``
     (a value, or an exception raised by the feed that holds the first bad token)."""
-    scored = 0
-
-    def script(call: int, n: int) -> list[float]:
-        nonlocal scored
-        if call == 0:
-            return [0.1] * n
-        ok = max(0, min(n, n_ok - scored))
-        scored += n
-        if ok < n and isinstance(bad, Exception):
-            raise bad
-        return [0.1] * ok + [bad] * (n - ok)
-
-    return script
+    return per_token_script(lambda k: 0.1 if k < n_ok else bad, prompt_score=0.1)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, RuntimeError("probe exploded")])
